@@ -1,0 +1,3 @@
+from dsdm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The one selection step that every method goes through: one score per pool example -> int64 indices.
+
+SIGN CONVENTION (method.md §2.3), stated once for the whole package: a score is LARGER when the pool example is
+predicted to help the target MORE, and every method keeps the k LARGEST scores. For DsDm the score is the
+target-averaged TRAK effect of including the example on the target *margin* (higher margin = lower loss), i.e. minus
+the paper's loss-datamodel weight θ̄ up to a positive factor, so top_k(score) is the paper's bottom-k(θ̄)
+(Engstrom et al. 2024, Eq. 3) and the released `dsdm_select`, which keeps the largest stored values.
+The inverse control (the paper's "least preferred" examples) is bottom_k = top_k of the negated scores.
+
+Pure functions, no disk: writing the index array is the caller's job.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check(scores: np.ndarray, k: int) -> np.ndarray:
+    scores = np.asarray(scores)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be one value per pool example, shape (N,); got {scores.shape}")
+    if not 0 <= k <= scores.shape[0]:
+        raise ValueError(f"k={k} must be between 0 and the pool size {scores.shape[0]}")
+    n_nan = int(np.isnan(scores).sum()) if np.issubdtype(scores.dtype, np.floating) else 0
+    if n_nan:
+        raise ValueError(f"{n_nan} scores are NaN; a score vector must be finite or ±inf")
+    return scores
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores, best first; ties broken by lower index. scores: (N,) -> (k,) int64.
+
+    O(N) partition then O(k log k) sort; deterministic whatever the partition order.
+    """
+    scores = _check(scores, k)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    part = np.argpartition(-scores, k - 1)[:k]
+    threshold = scores[part].min()
+    above = np.flatnonzero(scores > threshold)
+    ties = np.flatnonzero(scores == threshold)[: k - above.size]  # lowest indices win ties at the boundary
+    idx = np.concatenate([above, ties])
+    order = np.lexsort((idx, -scores[idx]))  # primary: score descending; secondary: index ascending
+    return idx[order].astype(np.int64)
+
+
+def bottom_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k smallest scores, worst first (the paper's inverse control); ties by lower index."""
+    return top_k(-np.asarray(scores, dtype=np.float64), k)
+
+
+def gumbel_top_k(log_weights: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k indices sampled without replacement with P(i) ∝ exp(log_weights[i]) (Gumbel top-k trick). (N,) -> (k,).
+
+    Order: by perturbed key, best first. Entries with log weight -inf are never drawn; asking for more than the
+    finite entries is an error.
+    """
+    log_weights = _check(np.asarray(log_weights, dtype=np.float64), k)
+    finite = int(np.isfinite(log_weights).sum())
+    if k > finite:
+        raise ValueError(f"k={k} exceeds the {finite} examples with a finite log weight")
+    keys = log_weights + rng.gumbel(size=log_weights.shape[0])
+    return top_k(keys, k)
+
+
+def uniform_k(candidates: np.ndarray | int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k distinct indices drawn uniformly from `candidates` (an index array, a bool keep mask, or N for range(N))."""
+    if isinstance(candidates, (int, np.integer)):
+        pool = np.arange(int(candidates), dtype=np.int64)
+    else:
+        candidates = np.asarray(candidates)
+        pool = np.flatnonzero(candidates) if candidates.dtype == bool else candidates.astype(np.int64)
+    if not 0 <= k <= pool.size:
+        raise ValueError(f"k={k} must be between 0 and the {pool.size} candidates")
+    return rng.choice(pool, size=k, replace=False).astype(np.int64)

@@ -1,0 +1,184 @@
+"""Target tasks: (context, continuation) examples with a `target` split (drives selection) and a `holdout` split
+(evaluation only).
+
+File format: JSONL, one example per line, with either
+    {"context": "...", "continuation": " answer"}      loss and metrics on the continuation tokens only, or
+    {"text": "..."}                                    every token scored (context empty),
+optionally {"choices": ["...", ...], "answer": i} for multiple choice (continuation defaults to choices[answer]),
+and optionally {"split": "target" | "holdout"} and {"id": "..."}.
+Whitespace convention (lm-evaluation-harness): the space separating context and continuation belongs to the
+continuation, e.g. context "Paris is the capital of", continuation " France".
+
+A task on disk is one of:
+    TASK_DIR/                 with target.jsonl and holdout.jsonl (and optionally task.json: name, description, ...)
+    FILE.jsonl                one file whose rows carry a `split` field
+    TARGET.jsonl,HOLDOUT.jsonl  two files, comma-separated
+The same loader and the same encoder (`encode_examples`) feed both featurization (targets) and evaluation
+(holdouts), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("target", "holdout")
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    context: str
+    continuation: str
+    choices: tuple[str, ...] | None = None
+    answer: int | None = None
+    id: str = ""
+
+
+@dataclass
+class Task:
+    name: str
+    target: list[TaskExample]
+    holdout: list[TaskExample]
+    info: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata from task.json (description, family, num_fewshot, source, ...)."""
+
+    def split(self, name: str) -> list[TaskExample]:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return self.target if name == "target" else self.holdout
+
+
+def parse_example(row: Any, where: str) -> tuple[TaskExample, str | None]:
+    """Validate one decoded JSONL row -> (TaskExample, split or None). `where` is 'file:line' for errors."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+    split = row.get("split")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"{where}: split must be 'target' or 'holdout', got {split!r}")
+    choices = row.get("choices")
+    answer = row.get("answer")
+    if choices is not None:
+        if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
+            raise ValueError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+        if not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices)):
+            raise ValueError(f"{where}: 'answer' must be an index into 'choices' (0..{len(choices) - 1}), got {answer!r}")
+        choices = tuple(choices)
+    elif answer is not None:
+        raise ValueError(f"{where}: 'answer' is given without 'choices'")
+    if "text" in row:
+        if "context" in row or "continuation" in row:
+            raise ValueError(f"{where}: give either 'text' or 'context' + 'continuation', not both")
+        context, continuation = "", row["text"]
+    else:
+        if "context" not in row:
+            raise ValueError(f"{where}: missing 'context' (or give 'text' to score every token)")
+        context = row["context"]
+        continuation = row.get("continuation", choices[answer] if choices is not None else None)
+        if continuation is None:
+            raise ValueError(f"{where}: missing 'continuation'")
+    if not isinstance(context, str) or not isinstance(continuation, str):
+        raise ValueError(f"{where}: 'context' and 'continuation' must be strings")
+    if not continuation:
+        raise ValueError(f"{where}: the continuation (or text) is empty; nothing would be scored")
+    if choices is not None and continuation != choices[answer]:
+        raise ValueError(f"{where}: 'continuation' differs from choices[answer]")
+    return TaskExample(context, continuation, choices, answer, str(row.get("id", where))), split
+
+
+def read_examples(path: str | Path) -> list[tuple[TaskExample, str | None]]:
+    """Parse a task JSONL file; errors name the file and line and say what to fix."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"task file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            out.append(parse_example(row, f"{path}:{lineno}"))
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+def load_task(spec: str | Path, name: str | None = None) -> Task:
+    """Load a task from a directory, one JSONL with a split field, or 'TARGET.jsonl,HOLDOUT.jsonl'."""
+    spec = str(spec)
+    info: dict[str, Any] = {}
+    if "," in spec:
+        target_path, holdout_path = spec.split(",", 1)
+        pairs = {"target": read_examples(target_path), "holdout": read_examples(holdout_path)}
+        default_name = Path(target_path).stem
+    elif Path(spec).is_dir():
+        d = Path(spec)
+        if (d / "task.json").exists():
+            info = json.loads((d / "task.json").read_text(encoding="utf-8"))
+        pairs = {s: read_examples(d / f"{s}.jsonl") for s in SPLITS}
+        default_name = info.get("name", d.name)
+    else:
+        rows = read_examples(spec)
+        missing = sum(1 for _, s in rows if s is None)
+        if missing:
+            raise ValueError(
+                f"{spec}: {missing} rows have no 'split' field; a single task file needs split=target|holdout on "
+                "every row (or pass TARGET.jsonl,HOLDOUT.jsonl, or a directory with target.jsonl and holdout.jsonl)"
+            )
+        pairs = {s: [(ex, s) for ex, split in rows if split == s] for s in SPLITS}
+        default_name = Path(spec).stem
+    splits = {}
+    for s, rows in pairs.items():
+        wrong = [ex.id for ex, split in rows if split not in (None, s)]
+        if wrong:
+            raise ValueError(f"{spec}: rows {wrong[:3]} are marked split!={s!r} but sit in the {s} file")
+        splits[s] = [ex for ex, _ in rows]
+        if not splits[s]:
+            raise ValueError(f"{spec}: the {s} split is empty")
+    return Task(name=name or default_name, target=splits["target"], holdout=splits["holdout"], info=info)
+
+
+def encode_example(tokenizer, ex: TaskExample, max_len: int, bos_id: int, continuation: str | None = None):
+    """Tokens and score mask for one example: (T,) int64 ids, (T,) bool True on continuation tokens.
+
+    Context and continuation are encoded separately and concatenated (lm-eval convention), so the continuation's
+    tokens are exactly those it has on its own. An empty context becomes [bos_id] so the first token is scored given
+    something. Too-long examples lose tokens from the left of the context; a continuation longer than max_len - 1 is
+    an error (it could not be scored).
+    """
+    cont = ex.continuation if continuation is None else continuation
+    ctx_ids = tokenizer.encode(ex.context, add_special_tokens=False).ids if ex.context else [bos_id]
+    cont_ids = tokenizer.encode(cont, add_special_tokens=False).ids
+    if not cont_ids:
+        raise ValueError(f"example {ex.id}: continuation {cont!r} encodes to no tokens")
+    if len(cont_ids) > max_len - 1:
+        raise ValueError(f"example {ex.id}: continuation has {len(cont_ids)} tokens, more than max_len-1={max_len - 1}")
+    ctx_ids = ctx_ids[-(max_len - len(cont_ids)) :]
+    ids = np.asarray(ctx_ids + cont_ids, dtype=np.int64)
+    score = np.zeros(ids.shape[0], dtype=bool)
+    score[len(ctx_ids) :] = True
+    return ids, score
+
+
+def encode_examples(tokenizer, examples: list[TaskExample], max_len: int, bos_id: int):
+    """Batch of examples -> tokens (n, T) int64, mask (n, T) bool (real tokens), score (n, T) bool (continuation).
+
+    Right-padded to the longest example. The prediction of token t is scored iff score[t] (so position 0 is never
+    scored: every example has at least one context or bos token).
+    """
+    encoded = [encode_example(tokenizer, ex, max_len, bos_id) for ex in examples]
+    width = max(ids.shape[0] for ids, _ in encoded)
+    tokens = np.zeros((len(encoded), width), dtype=np.int64)
+    mask = np.zeros((len(encoded), width), dtype=bool)
+    score = np.zeros((len(encoded), width), dtype=bool)
+    for i, (ids, sc) in enumerate(encoded):
+        tokens[i, : ids.shape[0]] = ids
+        mask[i, : ids.shape[0]] = True
+        score[i, : ids.shape[0]] = sc
+    return tokens, mask, score
