@@ -1,0 +1,378 @@
+"""Featurize: projected per-example gradients of a proxy LM (TRAK, Park et al. 2023, §3; method.md §3.2–3.7).
+
+For proxy m and sequence z we keep g_m(z) = P_m^T grad f(z; theta_m) / sqrt(k) in R^k, where f is the mean per-token
+margin log(p/(1-p)) over the scored positions (method.md §3.2) and Q(z) = mean over the same positions of (1 - p)
+(the out-to-loss term, §3.3). Two projectors:
+
+* ``dense``: exact TRAK. Per-example gradients of every parameter with torch.func (vmap over grad), multiplied by a
+  Rademacher matrix P (p x k, entries ±1) regenerated block by block from (seed, proxy, parameter, block) on the CPU,
+  never stored; CPU and GPU see the same matrix. The reference; its cost is dominated by regenerating P.
+* ``factorized`` (default): LoGra-style Kronecker sketch per ``nn.Linear``. For y = x W^T + b with per-token inputs
+  x_t and output gradients delta_t the weight gradient is G = sum_t delta_t x_t^T, and with independent Rademacher
+  P_out (k_o x d_out), P_in (k_i x d_in), P_out G P_in^T = sum_t (P_out delta_t)(P_in x_t)^T. Inputs are projected in
+  a forward hook, output gradients in a tensor hook, from ONE backward of sum_b f_b (examples are independent, so the
+  per-token delta of example b is its own). No weight gradient is ever formed (parameters are frozen; the gradient
+  flows from the embedding outputs). The bias is covered by appending a constant 1 to x.
+  Covered: the weight and bias of every nn.Linear, including the LM head (a Linear d_model -> V; when tied to the
+  token embedding only its output-side use is covered). Not covered: embedding lookups (token, position), LayerNorm.
+
+Scaling: both projectors divide by sqrt(k) (per factor: sqrt(k_o) and sqrt(k_i)), so <g(a), g(b)> is an unbiased
+estimate of <grad f(a), grad f(b)>. method.md §3.4 writes 1/sqrt(p) (traker); with a relative ridge (datamodel.py)
+the scores do not depend on this constant at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+# -----------------------------------------------------------------------------
+# Output function (method.md §3.2, §3.3)
+
+
+def margins_and_probs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position margin m_t = logit_y - logsumexp_{v != y} logit_v and p_t, predicting tokens[:, 1:].
+
+    logits (B, T, V) from tokens (B, T) -> margins (B, T-1), probs (B, T-1), float32. Never through log(1 - p).
+    """
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    target = tokens[:, 1:, None]  # (B, T-1, 1)
+    correct = logits.gather(-1, target).squeeze(-1)  # (B, T-1)
+    others = logits.scatter(-1, target, float("-inf")).logsumexp(-1)  # (B, T-1)
+    margin = correct - others
+    prob = torch.sigmoid(margin)  # p = e^m / (1 + e^m) exactly, since m = log(p / (1 - p))
+    return margin, prob
+
+
+def output_and_q(logits: torch.Tensor, tokens: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f = mean margin and Q = mean (1 - p) over scored positions. score (B, T) bool marks scored TOKENS (t >= 1).
+
+    Returns f (B,) (differentiable) and Q (B,) (detached).
+    """
+    margin, prob = margins_and_probs(logits, tokens)
+    w = score[:, 1:].to(margin.dtype)  # token t is predicted at position t-1
+    n = w.sum(1).clamp_min(1.0)
+    f = (margin * w).sum(1) / n
+    q = ((1.0 - prob.detach()) * w).sum(1) / n
+    return f, q
+
+
+def pool_score_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pool examples score every real next-token position: mask (B, T) with position 0 cleared."""
+    score = mask.clone()
+    score[:, 0] = False
+    return score
+
+
+# -----------------------------------------------------------------------------
+# Seeded Rademacher blocks, generated on the CPU (device-independent) and never stored
+
+
+def _block_seed(*keys: object) -> int:
+    """A 63-bit seed from any tuple of keys (sha256): independent streams per (seed, proxy, tensor, block)."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def rademacher(rows: int, cols: int, *keys: object) -> torch.Tensor:
+    """(rows, cols) float32 matrix of ±1 from a CPU generator seeded by `keys`: the same numbers on every device."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(_block_seed(*keys))
+    return torch.randint(0, 2, (rows, cols), generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
+
+
+# -----------------------------------------------------------------------------
+# Dense projector: exact per-example gradients (torch.func) times a blockwise Rademacher matrix
+
+
+def dense_params(model: nn.Module, which: str = "all") -> dict[str, torch.Tensor]:
+    """Parameters the dense projector differentiates: 'all', or 'linear' (nn.Linear weights and biases only)."""
+    if which == "all":
+        return {n: p.detach() for n, p in model.named_parameters()}
+    if which != "linear":
+        raise ValueError(f"dense parameter set must be 'all' or 'linear', got {which!r}")
+    out = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            for pname, p in mod.named_parameters(recurse=False):
+                out[f"{mname}.{pname}" if mname else pname] = p.detach()
+    return out
+
+
+def per_example_grads(model: nn.Module, params: dict, tokens: torch.Tensor, score: torch.Tensor) -> dict:
+    """Per-example gradients of f (mean margin). tokens, score: (B, T). Returns {name: (B, *param.shape)}.
+
+    Needs an attention path with a vmap batching rule (eager attention on CPU).
+    """
+
+    def f_one(p, tok, sc):
+        logits = functional_call(model, p, (tok[None],))
+        return output_and_q(logits, tok[None], sc[None])[0][0]
+
+    return vmap(grad(f_one), in_dims=(None, 0, 0))(params, tokens, score)
+
+
+def dense_project(grads: dict, k: int, seed: int, proxy: int, block_elems: int = 1 << 24) -> torch.Tensor:
+    """g = P^T grad / sqrt(k) with P regenerated per (parameter, row block). grads {name: (B, ...)} -> (B, k) float32.
+
+    Parameters are taken in sorted name order; each contributes its rows of P, in blocks of <= block_elems entries.
+    """
+    out = None
+    rows_per_block = max(1, block_elems // k)
+    for name in sorted(grads):
+        g = grads[name].flatten(1).float()  # (B, n)
+        out = torch.zeros(g.shape[0], k, device=g.device) if out is None else out
+        for b, start in enumerate(range(0, g.shape[1], rows_per_block)):
+            stop = min(start + rows_per_block, g.shape[1])
+            p_block = rademacher(stop - start, k, seed, proxy, name, b).to(g.device)  # (rows, k)
+            out += g[:, start:stop] @ p_block
+    return out / math.sqrt(k)
+
+
+def dense_matrix(shapes: dict[str, tuple], k: int, seed: int, proxy: int, block_elems: int = 1 << 24) -> torch.Tensor:
+    """The full (p, k) matrix dense_project uses (sorted names, unscaled ±1). For tests on small models only."""
+    rows_per_block = max(1, block_elems // k)
+    blocks = []
+    for name in sorted(shapes):
+        n = math.prod(shapes[name])
+        for b, start in enumerate(range(0, n, rows_per_block)):
+            blocks.append(rademacher(min(start + rows_per_block, n) - start, k, seed, proxy, name, b))
+    return torch.cat(blocks)
+
+
+# -----------------------------------------------------------------------------
+# Factorized projector: per-Linear Kronecker sketch from forward activations and backward output gradients
+
+
+def split_dims(linears: list[tuple[str, nn.Linear]], k: int) -> list[tuple[int, int]]:
+    """(k_o, k_i) per Linear. Each of the L layers gets share = k // L dims; a side whose full size fits is kept exact
+    (identity, no projection); otherwise k_i = largest power of 2 <= sqrt(share) and k_o = share // k_i, each capped at
+    its layer size. Feature dim = sum k_o * k_i <= k."""
+    share = k // len(linears)
+    if share < 1:
+        raise ValueError(f"proj_dim={k} is smaller than the {len(linears)} Linear layers to cover")
+    dims = []
+    for _, lin in linears:
+        d_in, d_out = lin.in_features + (lin.bias is not None), lin.out_features
+        k_i = min(d_in, 2 ** int(math.log2(math.sqrt(share))))
+        k_o = min(d_out, share // k_i)
+        if k_o == d_out:  # output side exact: give the rest of the share to the input side
+            k_i = min(d_in, share // d_out) or 1
+        dims.append((k_o, k_i))
+    return dims
+
+
+def _side(d: int, kk: int, *keys: object) -> torch.Tensor:
+    """(d, kk) projection of one side: identity when kk == d (exact), else Rademacher / sqrt(kk)."""
+    return torch.eye(d) if kk == d else rademacher(d, kk, *keys) / math.sqrt(kk)
+
+
+class FactorizedSketch:
+    """Kronecker sketch of the per-example gradient of every nn.Linear of `model` (see the module docstring).
+
+    sketch(tokens, score) -> (features (B, dim) float32, Q (B,) float32). Projection matrices are built once from
+    (seed, proxy, layer name) and kept (they are small: k_o x d_out + k_i x d_in per layer).
+    """
+
+    def __init__(self, model: nn.Module, k: int, seed: int, proxy: int, device: torch.device | str = "cpu"):
+        self.model = model
+        self.linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not self.linears:
+            raise ValueError("the factorized projector needs a model with nn.Linear layers; use --projector dense")
+        self.embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        if not self.embeddings:
+            raise ValueError("the factorized projector starts the backward at nn.Embedding outputs; none found")
+        self.dims = split_dims(self.linears, k)
+        self.dim = sum(ko * ki for ko, ki in self.dims)
+        self.proj = []  # per layer: P_out^T (d_out, k_o), P_in^T (d_in [+1 for bias], k_i), JL-scaled
+        for (name, lin), (ko, ki) in zip(self.linears, self.dims):
+            d_in = lin.in_features + (lin.bias is not None)
+            p_out = _side(lin.out_features, ko, seed, proxy, name, "out")
+            p_in = _side(d_in, ki, seed, proxy, name, "in")
+            self.proj.append((p_out.to(device), p_in.to(device)))
+
+    def sketch(self, tokens: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acts: list[torch.Tensor | None] = [None] * len(self.linears)
+        outs: list[torch.Tensor | None] = [None] * len(self.linears)
+        handles = []
+
+        def fwd_hook(i, mod, inp, out):
+            x = inp[0].float()  # (B, T, d_in)
+            if mod.bias is not None:
+                x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], -1)
+            acts[i] = x @ self.proj[i][1]  # (B, T, k_i)
+
+            def bwd(gy, i=i):
+                outs[i] = gy.float() @ self.proj[i][0]  # (B, T, k_o)
+
+            out.register_hook(bwd)
+
+        def emb_hook(mod, inp, out):
+            return out.detach().requires_grad_(True)  # gradient starts here; parameters stay frozen
+
+        for i, (_, lin) in enumerate(self.linears):
+            handles.append(lin.register_forward_hook(partial(fwd_hook, i)))
+        for emb in self.embeddings:
+            handles.append(emb.register_forward_hook(emb_hook))
+        try:
+            with torch.enable_grad():
+                logits = self.model(tokens)
+                f, q = output_and_q(logits, tokens, score)
+                f.sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
+        feats = [torch.einsum("bto,bti->boi", o, a).flatten(1) for o, a in zip(outs, acts)]  # (B, k_o*k_i) each
+        return torch.cat(feats, 1), q
+
+
+class DenseSketch:
+    """Exact TRAK features: per-example gradients of `params` ('all' or 'linear') times a seeded Rademacher P."""
+
+    def __init__(self, model: nn.Module, k: int, seed: int, proxy: int, params: str = "all"):
+        self.model, self.k, self.seed, self.proxy = model, k, seed, proxy
+        self.params = dense_params(model, params)
+        self.dim = k
+
+    def sketch(self, tokens: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grads = per_example_grads(self.model, self.params, tokens, score)
+        with torch.no_grad():
+            q = output_and_q(self.model(tokens), tokens, score)[1]
+        return dense_project(grads, self.k, self.seed, self.proxy), q
+
+
+def make_sketch(model: nn.Module, projector: str, k: int, seed: int, proxy: int, device="cpu", dense_params="all"):
+    """'factorized' -> FactorizedSketch, 'dense' -> DenseSketch. The model's parameters are frozen in place."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()  # no dropout: features are a deterministic function of (weights, tokens)
+    if projector == "factorized":
+        return FactorizedSketch(model, k, seed, proxy, device)
+    if projector == "dense":
+        return DenseSketch(model, k, seed, proxy, dense_params)
+    raise ValueError(f"projector must be 'factorized' or 'dense', got {projector!r}")
+
+
+def featurize_batches(sketch, batches, device) -> tuple[np.ndarray, np.ndarray]:
+    """Run `sketch` over (tokens, score) numpy batches -> features (n, dim) float32, Q (n,) float32."""
+    feats, qs = [], []
+    for tokens, score in batches:
+        g, q = sketch.sketch(torch.as_tensor(tokens, device=device), torch.as_tensor(score, device=device))
+        feats.append(g.detach().float().cpu().numpy())
+        qs.append(q.detach().float().cpu().numpy())
+    return np.concatenate(feats), np.concatenate(qs)
+
+
+# -----------------------------------------------------------------------------
+# IO: the feature store (one directory per proxy), filled shard by shard
+
+
+@dataclass
+class FeaturizeConfig:
+    proj_dim: int = 4096
+    """k, the projection budget (method.md §3.4). Factorized: the feature dim is <= k (see split_dims)."""
+    projector: str = "factorized"
+    """factorized (per-Linear Kronecker sketch, fast) | dense (exact per-example gradients x Rademacher, reference)."""
+    dense_params: str = "all"
+    """Dense projector only: all | linear (the parameters the factorized sketch covers, for comparisons)."""
+    storage_dtype: str = "float16"
+    """float16 | float32 for features.npy. The Gram matrix is always accumulated in float64."""
+    batch_size: int = 16
+    """Examples per forward/backward."""
+    shard_size: int = 1024
+    """Examples per shard: the unit of resume and of parallel work (disjoint rows of one store)."""
+    seed: int = 0
+    """Projection seed; proxy m uses the streams (seed, m, ...)."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+
+    def __post_init__(self):
+        if self.proj_dim <= 0:
+            raise ValueError(f"proj_dim must be positive, got {self.proj_dim}")
+        if self.projector not in ("factorized", "dense"):
+            raise ValueError(f"projector must be factorized or dense, got {self.projector!r}")
+        if self.dense_params not in ("all", "linear"):
+            raise ValueError(f"dense_params must be all or linear, got {self.dense_params!r}")
+        if self.storage_dtype not in ("float16", "float32"):
+            raise ValueError(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
+        if self.batch_size <= 0 or self.shard_size <= 0:
+            raise ValueError("batch_size and shard_size must be positive")
+
+
+def featurize_shard(start: int, stop: int, *, store: Path, pool, sketch, device, batch_size: int) -> str:
+    """Fill rows [start, stop) of features.npy and q.npy, then publish shards/gram_<start>_<stop>.npy (the shard's
+    completion record, written atomically) and set done[start:stop]. Skips a shard whose Gram file exists."""
+    from dsdm.io import save_npy
+
+    gram_path = store / "shards" / f"gram_{start:09d}_{stop:09d}.npy"
+    if gram_path.exists():
+        return "skipped"
+    feats = np.load(store / "features.npy", mmap_mode="r+")
+    q = np.load(store / "q.npy", mmap_mode="r+")
+    done = np.load(store / "done.npy", mmap_mode="r+")
+    gram = np.zeros((feats.shape[1], feats.shape[1]), dtype=np.float64)
+    for b0 in range(start, stop, batch_size):
+        idx = np.arange(b0, min(b0 + batch_size, stop))
+        tokens, mask = pool.batch(idx, pad_to=pool.seq_len)
+        score = mask.copy()
+        score[:, 0] = False
+        g, qb = featurize_batches(sketch, [(tokens, score)], device)
+        feats[idx] = g.astype(feats.dtype)
+        q[idx] = qb
+        stored = np.asarray(feats[idx], dtype=np.float64)  # the Gram of exactly what scoring will read
+        gram += stored.T @ stored
+    feats.flush()
+    q.flush()
+    save_npy(gram_path, gram)
+    done[start:stop] = True
+    done.flush()
+    return "done"
+
+
+def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, device, shards=None) -> Path:
+    """Featurize the whole pool (or only `shards`) with one proxy into `store`; reduce the Gram when all are done."""
+    from dsdm.common import log
+    from dsdm.io import is_done, mark_done, open_memmap, save_npy, write_json
+    from dsdm.shards import plan_shards, run_shards
+
+    store = Path(store)
+    slice_ = {"featurize": _cfg_dict(cfg), "proxy": proxy, "pool": pool.fingerprint}
+    if is_done(store, slice_):
+        log(f"{store}: already featurized, skipping")
+        return store
+    sketch = make_sketch(model.to(device), cfg.projector, cfg.proj_dim, cfg.seed, proxy, device, cfg.dense_params)
+    n, dim = len(pool), sketch.dim
+    open_memmap(store / "features.npy", (n, dim), cfg.storage_dtype, fill=0)
+    open_memmap(store / "q.npy", (n,), np.float32, fill=0)
+    open_memmap(store / "done.npy", (n,), np.bool_, fill=False)
+    write_json(store / "manifest.json", {**slice_, "num_examples": n, "feature_dim": dim})
+    plan = plan_shards(n, cfg.shard_size) if shards is None else shards
+    started = time.time()
+    fn = partial(featurize_shard, store=store, pool=pool, sketch=sketch, device=device, batch_size=cfg.batch_size)
+    run_shards(fn, plan, desc=f"featurize proxy {proxy} ({cfg.shard_size} examples/shard)")
+    all_shards = plan_shards(n, cfg.shard_size)
+    missing = [s for s in all_shards if not (store / "shards" / f"gram_{s[0]:09d}_{s[1]:09d}.npy").exists()]
+    if missing:
+        log(f"{store}: {len(missing)} shards still to do; the Gram is reduced when all are done")
+        return store
+    gram = np.zeros((dim, dim), dtype=np.float64)
+    for s0, s1 in all_shards:  # fixed order: the reduction is bitwise reproducible
+        gram += np.load(store / "shards" / f"gram_{s0:09d}_{s1:09d}.npy")
+    save_npy(store / "gram.npy", gram)
+    mark_done(store, slice_, started=started, feature_dim=dim)
+    return store
+
+
+def _cfg_dict(cfg) -> dict:
+    from dsdm.config import to_dict
+
+    return {k: v for k, v in to_dict(cfg).items() if k != "device"}
