@@ -15,6 +15,7 @@ import sys
 
 # name shown in --help order -> module providing register(subparsers)
 COMMANDS: list[str] = [
+    "dsdm.cli.baselines",
 ]
 
 
