@@ -1,0 +1,165 @@
+"""Datamodel scores from projected gradients: TRAK's one-step estimator, averaged over targets (method.md §3.5–3.7).
+
+Per proxy m with pool features G_m (N, k), Gram K_m = G_m^T G_m and Q_m (N,):
+
+    W_m = (K_m + lam_m I)^-1 [gbar_m(task_1) ... gbar_m(task_T)]     Cholesky in float64, (k, T)
+    U_m = G_m W_m                                                      streamed in row blocks, (N, T)
+    s(task) = mean_m U_m[:, task] * mean_m Q_m                         ensemble: kernel term and Q averaged apart
+    s(mix)  = mean over tasks of s(task)                               equal task weights (the released lm_task_mix)
+
+Never N x (number of target examples): targets enter only through their mean projected gradient gbar (linearity,
+method.md §3.6), and the pool is read block by block. Sign (dsdm.select): larger = more helpful; Q > 0 and the
+margin output make a positive score mean "including z raises the target margin", i.e. lowers the target loss.
+
+lam_m = ridge * mean(diag K_m) (relative ridge: scale-free, so the 1/sqrt(k) feature scale never matters). Default
+ridge = 1e-2: our pools have N of the order of k (and the factorized sketch makes K_m rank-deficient per layer), so
+K_m is singular or ill-conditioned and needs some ridge; 1e-2 of the mean eigenvalue is mild (it damps only directions
+with less than 1% of the average energy). ridge = 0 reproduces traker's default for N >> k.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def solve(gram: np.ndarray, gbar: np.ndarray, ridge: float) -> np.ndarray:
+    """W = (K + ridge * mean(diag K) I)^-1 gbar by Cholesky in float64. gram (k, k), gbar (k, T) -> (k, T)."""
+    K = torch.as_tensor(np.asarray(gram), dtype=torch.float64)
+    lam = ridge * float(K.diagonal().mean())
+    K = K + lam * torch.eye(K.shape[0], dtype=torch.float64)
+    L, info = torch.linalg.cholesky_ex(K)
+    if int(info) != 0:
+        raise ValueError(
+            f"the Gram matrix is not positive definite (ridge={ridge}); raise datamodel.ridge (e.g. --set ridge=1e-2)"
+        )
+    return torch.cholesky_solve(torch.as_tensor(np.asarray(gbar), dtype=torch.float64), L).numpy()
+
+
+def stream_scores(features: np.ndarray, W: np.ndarray, block: int = 65536) -> np.ndarray:
+    """U = features @ W, reading `block` rows at a time (a memmap is never loaded whole). (N, k), (k, T) -> (N, T)."""
+    n = features.shape[0]
+    out = np.empty((n, W.shape[1]), dtype=np.float64)
+    for start in range(0, n, block):
+        out[start : start + block] = np.asarray(features[start : start + block], dtype=np.float64) @ W
+    return out
+
+
+def ensemble(us: list[np.ndarray], qs: list[np.ndarray]) -> np.ndarray:
+    """TRAK ensemble: mean of kernel terms times mean of Q. us: M x (N, T), qs: M x (N,) -> (N, T)."""
+    return np.mean(us, axis=0) * np.mean(qs, axis=0)[:, None]
+
+
+def task_mix(per_task: np.ndarray) -> np.ndarray:
+    """Equal weight per task, whatever its size (method.md §2.4). (N, T) -> (N,)."""
+    return per_task.mean(axis=1)
+
+
+def mean_target_features(sketch, tokens: np.ndarray, score: np.ndarray, device, batch_size: int = 16) -> np.ndarray:
+    """Mean projected gradient over target examples, (dim,) float64; a running sum, never (n, dim) at once."""
+    total = None
+    for start in range(0, tokens.shape[0], batch_size):
+        t = torch.as_tensor(tokens[start : start + batch_size], device=device)
+        s = torch.as_tensor(score[start : start + batch_size], device=device)
+        g = sketch.sketch(t, s)[0].detach().double().sum(0).cpu().numpy()
+        total = g if total is None else total + g
+    return total / tokens.shape[0]
+
+
+# -----------------------------------------------------------------------------
+# IO: `dsdm score`
+
+
+@dataclass
+class ScoreConfig:
+    ridge: float = 1e-2
+    """Relative ridge: lam = ridge * mean(diag K) per proxy (see the module docstring)."""
+    block: int = 65536
+    """Pool rows per block when streaming G W."""
+    use_q: bool = True
+    """Multiply by the mean Q (out-to-loss term); false is the ablation."""
+    target_batch_size: int = 16
+    """Target examples per forward/backward when computing gbar."""
+    tasks: list[str] = field(default_factory=list)
+    """Task specs (dirs or JSONL, see dsdm.tasks); filled from --target."""
+
+    def __post_init__(self):
+        if self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if self.block <= 0:
+            raise ValueError(f"block must be positive, got {self.block}")
+
+
+def load_features(features_dir: Path) -> tuple[dict, list[Path]]:
+    """The featurize run's manifest and its finished per-proxy stores, in proxy order."""
+    from dsdm.io import DONE_FILE, read_json
+
+    features_dir = Path(features_dir)
+    if not (features_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"{features_dir}/manifest.json not found: run `dsdm featurize --out {features_dir}`")
+    manifest = read_json(features_dir / "manifest.json")
+    stores = [features_dir / f"proxy_{m}" for m in range(manifest["num_proxies"])]
+    unfinished = [str(s) for s in stores if not (s / DONE_FILE).exists()]
+    if unfinished:
+        raise ValueError(f"feature stores not finished: {unfinished}; rerun `dsdm featurize` (it resumes)")
+    return manifest, stores
+
+
+def score_tasks(features_dir: Path, task_specs: list[str], cfg: ScoreConfig, device) -> tuple[np.ndarray, list[str]]:
+    """Per-task DsDm scores (N, T) float64 for the task specs, from a finished featurize run."""
+    from dsdm.common import log
+    from dsdm.featurize import FeaturizeConfig, make_sketch
+    from dsdm.model import load_model
+    from dsdm.pool import Pool
+    from dsdm.tasks import encode_examples, load_task
+
+    manifest, stores = load_features(features_dir)
+    fcfg = FeaturizeConfig(**{**manifest["featurize"], "device": "cpu"})
+    pool = Pool(manifest["pool"])
+    tasks = [load_task(spec) for spec in task_specs]
+    encoded = [encode_examples(pool.tokenizer, t.target, pool.seq_len, pool.eos_id) for t in tasks]
+    us, qs = [], []
+    for m, store in enumerate(stores):
+        model = load_model(manifest["proxies"][m]).to(device)
+        sketch = make_sketch(model, fcfg.projector, fcfg.proj_dim, fcfg.seed, m, device, fcfg.dense_params)
+        gbar = np.stack(
+            [mean_target_features(sketch, tok, sc, device, cfg.target_batch_size) for tok, _, sc in encoded], 1
+        )  # (k, T)
+        W = solve(np.load(store / "gram.npy"), gbar, cfg.ridge)
+        us.append(stream_scores(np.load(store / "features.npy", mmap_mode="r"), W, cfg.block))
+        q = np.load(store / "q.npy")
+        qs.append(q if cfg.use_q else np.ones_like(q))
+        log(f"proxy {m}: scored {len(tasks)} task(s), |W| = {np.abs(W).mean():.3g}")
+    return ensemble(us, qs), [t.name for t in tasks]
+
+
+def run(features_dir: str | Path, task_specs: list[str], out: str | Path, cfg: ScoreConfig, device) -> Path:
+    """Write `out` (N,) float32 task-mix scores, `<out>.tasks.npy` (N, T) and `<out>.json` (tasks, provenance)."""
+    from dsdm.io import provenance, save_npy, write_json
+
+    started = time.time()
+    per_task, names = score_tasks(Path(features_dir), task_specs, cfg, device)
+    out = Path(out)
+    save_npy(out.with_suffix(".tasks.npy"), per_task.astype(np.float32))
+    manifest, _ = load_features(Path(features_dir))
+    write_json(
+        out.with_suffix(".json"),
+        {
+            "method": "dsdm",
+            "tasks": names,
+            "task_specs": [str(s) for s in task_specs],
+            "sign": "larger = more helpful to the target; select the k largest (dsdm.select)",
+            "features": str(features_dir),
+            "pool": manifest["pool"],
+            "pool_fingerprint": manifest["pool_fingerprint"],
+            "config": {k: v for k, v in vars(cfg).items() if k != "tasks"},
+            "wall_time_s": round(time.time() - started, 3),
+            **provenance(),
+        },
+    )
+    save_npy(out, task_mix(per_task).astype(np.float32))  # last: the scores file exists only when all is written
+    return out

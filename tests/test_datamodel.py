@@ -1,0 +1,111 @@
+"""Datamodel maths: Cholesky solve, streaming = one-shot, mean-target scoring = column mean of the full TRAK score
+matrix, bounded scoring memory, and THE sign test (planted copies of the target get the largest scores through the
+whole chain: trained proxy -> featurize -> score -> top_k). Run:
+    .venv/bin/python -m pytest -q tests/test_datamodel.py
+"""
+
+import tracemalloc
+
+import numpy as np
+import torch
+from test_featurize import TinyGPT
+
+from dsdm import datamodel as D
+from dsdm import featurize as F
+from dsdm.select import top_k
+
+
+def test_solve_matches_numpy_with_relative_ridge():
+    rng = np.random.default_rng(0)
+    G = rng.normal(size=(40, 10))
+    K = G.T @ G
+    b = rng.normal(size=(10, 3))
+    lam = 0.1 * np.trace(K) / 10
+    np.testing.assert_allclose(D.solve(K, b, 0.1), np.linalg.solve(K + lam * np.eye(10), b), rtol=1e-10)
+    # scale-free: scaling the features by c scales K by c^2 and gbar by c, so G W is unchanged
+    np.testing.assert_allclose(G @ D.solve(K, b, 0.1), (3 * G) @ D.solve(9 * K, 3 * b, 0.1), rtol=1e-10)
+
+
+def test_mean_target_scoring_equals_column_mean_of_full_matrix():
+    rng = np.random.default_rng(1)
+    G = rng.normal(size=(200, 16))
+    targets = rng.normal(size=(30, 16))  # per-target-example projected gradients
+    K = G.T @ G
+    full = G @ np.linalg.solve(K, targets.T)  # (N, n): what traker builds
+    ours = D.stream_scores(G, D.solve(K, targets.mean(0)[:, None], 0.0), block=7)[:, 0]
+    np.testing.assert_allclose(ours, full.mean(1), rtol=1e-8, atol=1e-10)
+
+
+def test_ensemble_and_task_mix():
+    u = [np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[3.0, 0.0], [1.0, 0.0]])]
+    q = [np.array([0.5, 1.0]), np.array([1.5, 1.0])]
+    s = D.ensemble(u, q)
+    np.testing.assert_allclose(s, [[2.0, 1.0], [2.0, 2.0]])
+    np.testing.assert_allclose(D.task_mix(s), [1.5, 2.0])
+
+
+def test_scoring_memory_does_not_grow_with_pool_or_targets(tmp_path):
+    n, k = 40_000, 64
+    feats = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float16, shape=(n, k))
+    feats[:] = np.random.default_rng(0).normal(size=(n, k)).astype(np.float16)
+    feats.flush()
+    feats = np.load(tmp_path / "f.npy", mmap_mode="r")
+    W = np.ones((k, 3))
+    tracemalloc.start()
+    out = D.stream_scores(feats, W, block=1000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # output (N, T) float64 = 0.96 MB plus one block (1000 x 64 float64 = 0.5 MB); N x k float64 would be 20 MB
+    assert peak < n * 3 * 8 + 4 * 1000 * k * 8, peak
+    np.testing.assert_allclose(out[:5], np.asarray(feats[:5], np.float64) @ W)
+
+    # target side: a running sum; the sketch never sees more than one batch, whatever the number of targets
+    seen = []
+
+    class Recorder:
+        def sketch(self, t, s):
+            seen.append(t.shape[0])
+            return t.double()[:, :4], None
+
+    toks = np.arange(1000 * 4).reshape(1000, 4)
+    mean = D.mean_target_features(Recorder(), toks, toks > 0, "cpu", batch_size=8)
+    assert max(seen) == 8 and mean.shape == (4,)
+    np.testing.assert_allclose(mean, toks.mean(0))
+
+
+def _train(model, data, steps=50, lr=3e-3):
+    """A few full-batch Adam steps on mean next-token cross-entropy: a *trained* proxy, in seconds."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        logits = model(data)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), data[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_sign_planted_copies_of_the_target_rank_first():
+    """Known answer for the chain's orientation: pool = random sequences + 4 exact copies of the target sequence.
+    Training on a copy raises the target's margin most, so the copies must get the LARGEST scores (top-k).
+    The proxy is trained (50 steps: the loss has dropped, the copies are not yet memorized). Measured: after 150
+    steps the copies are memorized (Q = 0.11 vs 0.42 on average) and Q, rightly for a one-step estimate, pushes them
+    out of the top 4 while the kernel term alone still ranks them first (docs/estimator.md)."""
+    vocab, T = 23, 12
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randint(0, vocab, (60, T), generator=g)
+    target = torch.randint(0, vocab, (1, T), generator=g)
+    planted = [7, 19, 33, 50]
+    pool[planted] = target
+    for projector in ("factorized", "dense"):
+        model = _train(TinyGPT(vocab=vocab, seq=T, seed=1), pool)
+        sk = F.make_sketch(model, projector, 512, seed=0, proxy=0)
+        score = F.pool_score_mask(torch.ones_like(pool, dtype=torch.bool))
+        batches = [(pool[i : i + 16].numpy(), score[i : i + 16].numpy()) for i in range(0, 60, 16)]
+        G, q = F.featurize_batches(sk, batches, "cpu")
+        G = G.astype(np.float64)
+        tscore = torch.zeros(1, T, dtype=torch.bool)
+        tscore[0, T // 2 :] = True  # continuation = second half
+        gbar = D.mean_target_features(sk, target.numpy(), tscore.numpy(), "cpu")
+        s = D.task_mix(D.ensemble([D.stream_scores(G, D.solve(G.T @ G, gbar[:, None], 1e-2))], [q]))
+        assert set(top_k(s, 4).tolist()) == set(planted), (projector, top_k(s, 8), s[planted])
