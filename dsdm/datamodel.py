@@ -163,3 +163,73 @@ def run(features_dir: str | Path, task_specs: list[str], out: str | Path, cfg: S
     )
     save_npy(out, task_mix(per_task).astype(np.float32))  # last: the scores file exists only when all is written
     return out
+
+
+def run_select(scores_path: str | Path, k: int, out_dir: str | Path, inverse: bool = False, docs: str = "none") -> dict:
+    """`dsdm select`: the k largest scores (dsdm.select.top_k; bottom_k with inverse) -> out_dir/indices.npy (int64,
+    best first), selection.json, optionally documents.jsonl / documents.parquet (decoded text of the selection)."""
+    from dsdm.io import read_json, save_npy, write_json
+    from dsdm.select import bottom_k, top_k
+
+    scores_path = Path(scores_path)
+    if not scores_path.exists():
+        raise FileNotFoundError(f"score file not found: {scores_path} (write one with `dsdm score`)")
+    scores = np.load(scores_path, mmap_mode="r")
+    side = scores_path.with_suffix(".json")
+    meta = read_json(side) if side.exists() else {}
+    idx = (bottom_k if inverse else top_k)(np.asarray(scores), k)
+    out_dir = Path(out_dir)
+    save_npy(out_dir / "indices.npy", idx)
+    record = {
+        "method": ("dsdm-inverse" if inverse else "dsdm"),
+        "k": int(k),
+        "target": meta.get("tasks"),
+        "seed": None,  # deterministic: no randomness in top-k (ties broken by lower index)
+        "rule": "bottom-k (k smallest scores)" if inverse else "top-k (k largest scores), best first",
+        "scores": str(scores_path.resolve()),
+        "config": meta.get("config"),
+        "pool": meta.get("pool"),
+        "pool_fingerprint": meta.get("pool_fingerprint"),
+        "num_candidates": int(scores.shape[0]),
+    }
+    if docs != "none":
+        record["documents"] = _write_documents(meta.get("pool"), idx, scores, out_dir, docs)
+    write_json(out_dir / "selection.json", record)
+    return record
+
+
+def _write_documents(pool_dir, idx: np.ndarray, scores: np.ndarray, out_dir: Path, fmt: str) -> str:
+    """Decoded text of the selected examples with their rank, index, score, doc_id and source."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dsdm.io import atomic_path
+    from dsdm.pool import Pool
+
+    if pool_dir is None:
+        raise ValueError("the score file has no sidecar naming its pool; cannot write documents")
+    pool = Pool(pool_dir)
+    meta = pool.meta.take(pa.array(idx)).to_pydict()
+    table = pa.table(
+        {
+            "rank": np.arange(idx.size),
+            "index": idx,
+            "score": np.asarray(scores)[idx].astype(np.float32),
+            "doc_id": meta["doc_id"],
+            "source": meta["source"],
+            "text": [pool.decode(int(i)) for i in idx],
+        }
+    )
+    path = out_dir / f"documents.{fmt}"
+    with atomic_path(path) as tmp:
+        if fmt == "parquet":
+            pq.write_table(table, tmp)
+        elif fmt == "jsonl":
+            import json
+
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in table.to_pylist():
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            raise ValueError(f"--docs must be none, jsonl or parquet, got {fmt!r}")
+    return path.name

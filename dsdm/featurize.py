@@ -294,6 +294,8 @@ class FeaturizeConfig:
     """Projection seed; proxy m uses the streams (seed, m, ...)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
+    executor: str = "local"
+    """local (one process, progress in examples/s) | ray (one Ray task per shard, same store, same numbers)."""
 
     def __post_init__(self):
         if self.proj_dim <= 0:
@@ -304,11 +306,13 @@ class FeaturizeConfig:
             raise ValueError(f"dense_params must be all or linear, got {self.dense_params!r}")
         if self.storage_dtype not in ("float16", "float32"):
             raise ValueError(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be local or ray, got {self.executor!r}")
         if self.batch_size <= 0 or self.shard_size <= 0:
             raise ValueError("batch_size and shard_size must be positive")
 
 
-def featurize_shard(start: int, stop: int, *, store: Path, pool, sketch, device, batch_size: int) -> str:
+def featurize_shard(start: int, stop: int, *, store: Path, pool, sketch, device, batch_size: int, bar=None) -> str:
     """Fill rows [start, stop) of features.npy and q.npy, then publish shards/gram_<start>_<stop>.npy (the shard's
     completion record, written atomically) and set done[start:stop]. Skips a shard whose Gram file exists."""
     from dsdm.io import save_npy
@@ -330,6 +334,8 @@ def featurize_shard(start: int, stop: int, *, store: Path, pool, sketch, device,
         q[idx] = qb
         stored = np.asarray(feats[idx], dtype=np.float64)  # the Gram of exactly what scoring will read
         gram += stored.T @ stored
+        if bar is not None:
+            bar.update(len(idx))
     feats.flush()
     q.flush()
     save_npy(gram_path, gram)
@@ -340,7 +346,7 @@ def featurize_shard(start: int, stop: int, *, store: Path, pool, sketch, device,
 
 def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, device, shards=None) -> Path:
     """Featurize the whole pool (or only `shards`) with one proxy into `store`; reduce the Gram when all are done."""
-    from dsdm.common import log
+    from dsdm.common import log, progress
     from dsdm.io import is_done, mark_done, open_memmap, save_npy, write_json
     from dsdm.shards import plan_shards, run_shards
 
@@ -357,8 +363,15 @@ def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, 
     write_json(store / "manifest.json", {**slice_, "num_examples": n, "feature_dim": dim})
     plan = plan_shards(n, cfg.shard_size) if shards is None else shards
     started = time.time()
+    todo = [sh for sh in plan if not (store / "shards" / f"gram_{sh[0]:09d}_{sh[1]:09d}.npy").exists()]
+    log(f"{store}: {len(todo)} of {len(plan)} shards to featurize ({cfg.projector}, k={cfg.proj_dim}, dim={dim})")
     fn = partial(featurize_shard, store=store, pool=pool, sketch=sketch, device=device, batch_size=cfg.batch_size)
-    run_shards(fn, plan, desc=f"featurize proxy {proxy} ({cfg.shard_size} examples/shard)")
+    if cfg.executor == "local":  # one bar in examples/s with ETA
+        with progress(total=sum(b - a for a, b in todo), desc=f"featurize proxy {proxy}", unit="ex") as bar:
+            for a, b in todo:
+                fn(a, b, bar=bar)
+    else:  # disjoint row ranges of the same store, filled by Ray tasks
+        run_shards(fn, todo, executor=cfg.executor, desc=f"featurize proxy {proxy}")
     all_shards = plan_shards(n, cfg.shard_size)
     missing = [s for s in all_shards if not (store / "shards" / f"gram_{s[0]:09d}_{s[1]:09d}.npy").exists()]
     if missing:
@@ -375,4 +388,41 @@ def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, 
 def _cfg_dict(cfg) -> dict:
     from dsdm.config import to_dict
 
-    return {k: v for k, v in to_dict(cfg).items() if k != "device"}
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("device", "executor")}
+
+
+def run(pool_dir: str | Path, proxies_dir: str | Path, out_dir: str | Path, cfg: FeaturizeConfig, force: bool = False):
+    """Featurize the pool with every proxy of `proxies_dir` (written by `dsdm proxies train`) into out_dir/proxy_<m>/.
+
+    Writes out_dir/manifest.json (pool, proxies, config) first, the stores, then out_dir/_done.json.
+    """
+    from dsdm.common import log, resolve_device
+    from dsdm.io import clear_done, is_done, mark_done, read_json, write_json
+    from dsdm.model import load_model
+    from dsdm.pool import Pool
+
+    pool, out_dir = Pool(pool_dir), Path(out_dir)
+    proxies_dir = Path(proxies_dir)
+    if not (proxies_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"{proxies_dir}/manifest.json not found: train proxies with `dsdm proxies train`")
+    pmanifest = read_json(proxies_dir / "manifest.json")
+    if pmanifest["pool_fingerprint"] != pool.fingerprint:
+        raise ValueError(f"{proxies_dir} was trained on another pool (fingerprint differs from {pool_dir})")
+    models = [str((proxies_dir / m).resolve()) for m in pmanifest["models"]]
+    slice_ = {"featurize": _cfg_dict(cfg), "proxies": models, "pool_fingerprint": pool.fingerprint}
+    if is_done(out_dir, slice_, force=force):
+        log(f"{out_dir}: already featurized with this configuration; nothing to do")
+        return out_dir
+    if force:
+        clear_done(out_dir)
+    device, why = resolve_device(cfg.device)
+    log(f"device {why}")
+    started = time.time()
+    write_json(
+        out_dir / "manifest.json",
+        {**slice_, "pool": str(Path(pool_dir).resolve()), "num_proxies": len(models), "num_examples": len(pool)},
+    )
+    for m, model_dir in enumerate(models):
+        featurize_proxy(pool, load_model(model_dir), out_dir / f"proxy_{m}", cfg, m, device)
+    mark_done(out_dir, slice_, started=started)
+    return out_dir

@@ -16,6 +16,7 @@ import sys
 # name shown in --help order -> module providing register(subparsers)
 COMMANDS: list[str] = [
     "dsdm.cli.baselines",
+    "dsdm.cli.estimator",
 ]
 
 

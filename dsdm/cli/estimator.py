@@ -1,0 +1,174 @@
+"""The DsDm estimator commands: `dsdm proxies train`, `dsdm featurize`, `dsdm score`, `dsdm select`,
+`dsdm validate-lds`. Parsing only; the work is in dsdm.proxies / featurize / datamodel / validate."""
+
+from __future__ import annotations
+
+import argparse
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _cfg(cls, args, **explicit):
+    """YAML (--config) -> --set overrides -> explicit flags (those not None) -> validated dataclass."""
+    from dsdm.config import apply_overrides, from_dict, load_yaml
+
+    data = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
+    data.update({k: v for k, v in explicit.items() if v is not None})
+    return from_dict(cls, data)
+
+
+def register(subparsers) -> None:
+    from dsdm.cli import add_config_args
+
+    # dsdm proxies train
+    p = subparsers.add_parser("proxies", help="train the proxy models the estimator differentiates")
+    psub = p.add_subparsers(dest="proxies_command", metavar="SUBCOMMAND")
+    t = psub.add_parser(
+        "train",
+        help="train M proxies, each on its own seeded random fraction of the pool",
+        formatter_class=RAW,
+        description=(
+            "Train M proxy LMs, proxy m on a seeded random subset (fraction of the pool) drawn from (seed, m).\n\n"
+            "Reads: the pool directory (--pool).\n"
+            "Writes under --out: subsets/proxy_<m>.npy (int64 indices), proxy_<m>/ (the trainer's checkpoint),\n"
+            "manifest.json, _done.json. Finished proxies are skipped on a rerun. Trainer settings: --set train.KEY=V\n"
+            "(dsdm.train.TrainConfig keys) or a YAML with a `train:` mapping (configs/estimator-*.yaml)."
+        ),
+    )
+    t.add_argument("--pool", required=True, metavar="DIR", help="pool directory (dsdm pool build)")
+    t.add_argument("--out", required=True, metavar="DIR", help="output directory for the proxies")
+    t.add_argument("--n", type=int, help="number of proxies M (default 4)")
+    t.add_argument("--fraction", type=float, help="fraction of the pool per proxy (default 0.4)")
+    t.add_argument("--seed", type=int, help="seed of the subset draws (default 0)")
+    add_config_args(t)
+    t.set_defaults(func=_proxies)
+
+    f = subparsers.add_parser(
+        "featurize",
+        help="projected per-example gradients of every proxy over the pool (resumable feature store)",
+        formatter_class=RAW,
+        description=(
+            "Featurize the pool with every proxy: g(z) = sketch of grad f(z), f = mean per-token margin.\n"
+            "  factorized (default): per-nn.Linear Kronecker sketch from activations and output gradients (fast)\n"
+            "  dense: exact per-example gradients (torch.func) x seeded blockwise Rademacher matrix (reference)\n\n"
+            "Reads: --pool, --proxies (dsdm proxies train).\n"
+            "Writes under --out: manifest.json; per proxy proxy_<m>/features.npy (N, dim) float16|32, q.npy (N,),\n"
+            "done.npy (N,) bool, shards/gram_<start>_<stop>.npy, gram.npy (dim, dim) float64, manifest.json,\n"
+            "_done.json; then _done.json. Interrupted runs resume shard by shard with bitwise-identical results.\n"
+            "More settings via --set (batch_size, shard_size, storage_dtype, seed, device, dense_params, executor)."
+        ),
+    )
+    f.add_argument("--pool", required=True, metavar="DIR", help="pool directory")
+    f.add_argument("--proxies", required=True, metavar="DIR", help="proxies directory (dsdm proxies train)")
+    f.add_argument("--out", required=True, metavar="DIR", help="feature store directory")
+    f.add_argument("--proj-dim", type=int, help="projection budget k (default 4096)")
+    f.add_argument("--projector", choices=["factorized", "dense"], help="sketch type (default factorized)")
+    add_config_args(f)
+    f.set_defaults(func=_featurize)
+
+    s = subparsers.add_parser(
+        "score",
+        help="DsDm scores of every pool example for target task(s) (larger = more helpful)",
+        formatter_class=RAW,
+        description=(
+            "Per proxy: mean projected gradient over each task's target split, W = (K + lam I)^-1 gbar by Cholesky\n"
+            "(float64, lam = ridge x mean diag K), scores = features @ W streamed in blocks; averaged over proxies,\n"
+            "times the mean Q; tasks weighted equally. Larger = more helpful; select the k largest.\n\n"
+            "Reads: --features (dsdm featurize), its pool and proxies, the task(s).\n"
+            "Writes: --out (N,) float32 (task mix), <out>.tasks.npy (N, T) float32, <out>.json (tasks, settings)."
+        ),
+    )
+    s.add_argument("--features", required=True, metavar="DIR", help="feature store (dsdm featurize)")
+    s.add_argument(
+        "--target", required=True, nargs="+", metavar="TASK", help="task(s): dir, FILE.jsonl or TARGET,HOLDOUT"
+    )
+    s.add_argument("--out", required=True, metavar="FILE.npy", help="score file to write")
+    s.add_argument("--device", default="auto", help="device for target gradients (default auto)")
+    add_config_args(s)
+    s.set_defaults(func=_score)
+
+    c = subparsers.add_parser(
+        "select",
+        help="the k largest scores -> indices.npy (best first) + selection.json",
+        formatter_class=RAW,
+        description=(
+            "Keep the k largest scores (ties: lower index first), or the k smallest with --inverse.\n\n"
+            "Reads: --scores (dsdm score, or any (N,) .npy where larger = keep) and its .json sidecar.\n"
+            "Writes under --out: indices.npy (k,) int64 best first, selection.json (method, k, target, seed,\n"
+            "config, pool fingerprint), optionally documents.jsonl|parquet (--docs)."
+        ),
+    )
+    c.add_argument("--scores", required=True, metavar="FILE.npy", help="score file")
+    c.add_argument("--k", type=int, required=True, help="number of examples to keep")
+    c.add_argument("--out", required=True, metavar="DIR", help="selection directory")
+    c.add_argument("--inverse", action="store_true", help="keep the k smallest (the paper's inverse control)")
+    c.add_argument("--docs", choices=["none", "jsonl", "parquet"], default="none", help="also write the documents")
+    c.set_defaults(func=_select)
+
+    v = subparsers.add_parser(
+        "validate-lds",
+        help="linear datamodeling score + top-k / bottom-k sanity checks (trains models)",
+        formatter_class=RAW,
+        description=(
+            "Train models on --subsets random subsets (--fraction of the pool each), measure their target loss and\n"
+            "report the Spearman correlation with the datamodel's prediction (sum of scores over the subset; the\n"
+            "LDS). Then train on the top-k, k random and the bottom-k examples and compare holdout losses.\n\n"
+            "Reads: --pool, --features (dsdm featurize), --target.\n"
+            "Writes under --out: scores.npy, subsets/, models/, lds.json. Trainer settings: --set train.KEY=V."
+        ),
+    )
+    v.add_argument("--pool", required=True, metavar="DIR")
+    v.add_argument("--features", required=True, metavar="DIR")
+    v.add_argument("--target", required=True, metavar="TASK")
+    v.add_argument("--out", required=True, metavar="DIR")
+    v.add_argument("--subsets", type=int, help="number of LDS subsets (default 20)")
+    v.add_argument("--fraction", type=float, help="fraction of the pool per subset (default 0.5)")
+    add_config_args(v)
+    v.set_defaults(func=_validate)
+
+
+def _proxies(args) -> int:
+    from dsdm.proxies import ProxiesConfig, run
+
+    cfg = _cfg(ProxiesConfig, args, n=args.n, fraction=args.fraction, seed=args.seed)
+    print(run(args.pool, args.out, cfg, force=args.force))
+    return 0
+
+
+def _featurize(args) -> int:
+    from dsdm.featurize import FeaturizeConfig, run
+
+    cfg = _cfg(FeaturizeConfig, args, proj_dim=args.proj_dim, projector=args.projector)
+    print(run(args.pool, args.proxies, args.out, cfg, force=args.force))
+    return 0
+
+
+def _score(args) -> int:
+    from dsdm.common import resolve_device
+    from dsdm.datamodel import ScoreConfig, run
+
+    cfg = _cfg(ScoreConfig, args)
+    print(run(args.features, args.target, args.out, cfg, resolve_device(args.device)[0]))
+    return 0
+
+
+def _select(args) -> int:
+    from dsdm.datamodel import run_select
+
+    rec = run_select(args.scores, args.k, args.out, inverse=args.inverse, docs=args.docs)
+    print(f"{args.out}/indices.npy: {rec['k']} examples, {rec['rule']}")
+    return 0
+
+
+def _validate(args) -> int:
+    from dsdm.validate import ValidateConfig, run
+
+    cfg = _cfg(ValidateConfig, args, subsets=args.subsets, fraction=args.fraction)
+    rec = run(args.pool, args.features, args.target, args.out, cfg)
+    print(f"LDS {rec['lds_target']:.3f} (target), {rec['lds_holdout']:.3f} (holdout); details in {args.out}/lds.json")
+    if "sanity" in rec:
+        print(
+            f"top-k beats random: {rec['sanity']['top_beats_random']}; "
+            f"bottom-k loses to random: {rec['sanity']['bottom_loses_to_random']}"
+        )
+    return 0

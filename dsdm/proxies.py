@@ -1,0 +1,87 @@
+"""Proxy models for the estimator: M independent proxies, each trained on its own seeded random subset of the pool
+(method.md §3.8, §9.2 step 2; the paper trains 4 proxies on ≈38% of the pool each).
+
+Layout of a proxies directory:
+
+    manifest.json           pool path + fingerprint, n, fraction, seed, the model directories (relative), train config
+    subsets/proxy_<m>.npy   (round(fraction * N),) int64, sorted: the examples proxy m was trained on
+    proxy_<m>/              the trainer's output directory (dsdm.train): weights, sidecar, its own _done.json
+    _done.json              written last
+
+Subset m is drawn from numpy_rng((seed, m)) without replacement, so subsets are independent, reproducible and
+independent of n (adding a 5th proxy leaves the first 4 unchanged). The trainer skips proxies already trained.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def draw_subset(n_pool: int, fraction: float, seed: int, proxy: int) -> np.ndarray:
+    """Sorted int64 indices of round(fraction * n_pool) distinct examples for proxy `proxy`."""
+    from dsdm.common import numpy_rng
+
+    size = max(1, int(round(fraction * n_pool)))
+    return np.sort(numpy_rng((seed, proxy)).choice(n_pool, size=size, replace=False)).astype(np.int64)
+
+
+@dataclass
+class ProxiesConfig:
+    n: int = 4
+    """M, the number of proxies (the paper: 4)."""
+    fraction: float = 0.4
+    """Fraction of the pool each proxy trains on (the paper: ≈0.38)."""
+    seed: int = 0
+    """Seed of the subset draws; proxy m's trainer seed is seed * 1000 + m."""
+    train: dict = field(default_factory=dict)
+    """Trainer settings (dsdm.train.TrainConfig keys), e.g. {preset: tiny, steps: 300}."""
+
+    def __post_init__(self):
+        if self.n <= 0:
+            raise ValueError(f"n (number of proxies) must be positive, got {self.n}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+
+
+def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bool = False) -> Path:
+    """Train cfg.n proxies on their subsets; resumable (finished proxies are skipped by the trainer)."""
+    from dsdm.common import log
+    from dsdm.config import from_dict, to_dict
+    from dsdm.io import clear_done, is_done, mark_done, save_npy, write_json
+    from dsdm.pool import Pool
+    from dsdm.train import TrainConfig, train
+
+    pool, out_dir = Pool(pool_dir), Path(out_dir)
+    slice_ = {"proxies": to_dict(cfg), "pool_fingerprint": pool.fingerprint}
+    if is_done(out_dir, slice_, force=force):
+        log(f"{out_dir}: proxies already trained with this configuration; nothing to do")
+        return out_dir
+    if force:
+        clear_done(out_dir)
+    started = time.time()
+    models = []
+    for m in range(cfg.n):
+        subset = draw_subset(len(pool), cfg.fraction, cfg.seed, m)
+        save_npy(out_dir / "subsets" / f"proxy_{m}.npy", subset)
+        tcfg = dict(cfg.train)
+        tcfg.setdefault("seed", cfg.seed * 1000 + m)
+        log(f"proxy {m}/{cfg.n}: training on {subset.size} of {len(pool)} examples")
+        model_dir = Path(train(pool, subset, from_dict(TrainConfig, tcfg, prefix="train."), out_dir / f"proxy_{m}"))
+        models.append(str(model_dir.resolve().relative_to(out_dir.resolve())))
+    write_json(
+        out_dir / "manifest.json",
+        {
+            "pool": str(Path(pool_dir).resolve()),
+            "pool_fingerprint": pool.fingerprint,
+            "num_proxies": cfg.n,
+            "models": models,
+            "subsets": [f"subsets/proxy_{m}.npy" for m in range(cfg.n)],
+            "config": to_dict(cfg),
+        },
+    )
+    mark_done(out_dir, slice_, started=started)
+    return out_dir

@@ -1,0 +1,155 @@
+"""Estimator checks that the paper lacks (method.md §9.2 step 8): the linear datamodeling score (LDS) and the
+top-k / bottom-k sanity checks.
+
+LDS: train models on `subsets` random subsets S_j (each a `fraction` of the pool), measure the actual target loss
+L_j (mean over target examples of the mean continuation NLL), and compare with the datamodel's prediction for S_j,
+pred_j = sum_{i in S_j} s_i, where s is the task's DsDm score (larger = more helpful, dsdm.select). Since a larger
+score means a lower loss, LDS = Spearman(pred_j, -L_j): +1 = the datamodel ranks the subsets perfectly, 0 = no
+information, negative = the sign is wrong.
+
+Sanity: train the same recipe on the k largest scores, k uniform random examples and the k smallest; on the target's
+holdout split the top-k model should have the lowest loss and the bottom-k model the highest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def subset_predictions(scores: np.ndarray, subsets: list[np.ndarray]) -> np.ndarray:
+    """pred_j = sum of scores over subset j. scores (N,), subsets: S arrays of indices -> (S,) float64."""
+    return np.array([np.asarray(scores, dtype=np.float64)[s].sum() for s in subsets])
+
+
+def lds(predictions: np.ndarray, losses: np.ndarray) -> float:
+    """Spearman between predicted helpfulness and the negated measured loss across subsets."""
+    return spearman(predictions, -np.asarray(losses))
+
+
+@torch.no_grad()
+def continuation_loss(model, tokens: np.ndarray, score: np.ndarray, device, batch_size: int = 32) -> np.ndarray:
+    """Per-example mean NLL over scored tokens. tokens, score: (n, T) -> (n,) float64."""
+    out = []
+    model.eval()
+    for start in range(0, tokens.shape[0], batch_size):
+        t = torch.as_tensor(tokens[start : start + batch_size], device=device)
+        s = torch.as_tensor(score[start : start + batch_size], device=device)[:, 1:].double()
+        logp = model(t)[:, :-1].double().log_softmax(-1).gather(-1, t[:, 1:, None]).squeeze(-1)
+        out.append((-(logp * s).sum(1) / s.sum(1).clamp_min(1)).cpu().numpy())
+    return np.concatenate(out)
+
+
+# -----------------------------------------------------------------------------
+# IO: `dsdm validate-lds`
+
+
+@dataclass
+class ValidateConfig:
+    subsets: int = 20
+    """Number of random subsets (models trained) for the LDS."""
+    fraction: float = 0.5
+    """Fraction of the pool in each LDS subset."""
+    sanity_fraction: float = 0.1
+    """k = sanity_fraction * N for the top-k / random / bottom-k check; 0 skips it."""
+    seed: int = 0
+    """Seed of the subset draws, the random arm and the trainers (model j uses seed * 1000 + j)."""
+    ridge: float = 1e-2
+    """Relative ridge of the datamodel (dsdm.datamodel)."""
+    train: dict = field(default_factory=dict)
+    """Trainer settings (dsdm.train.TrainConfig keys), the same for every model trained here."""
+    device: str = "auto"
+    """Device for training-free evaluation and target gradients."""
+
+    def __post_init__(self):
+        if self.subsets < 3:
+            raise ValueError(f"subsets must be >= 3 for a rank correlation, got {self.subsets}")
+        if not 0 < self.fraction < 1 or not 0 <= self.sanity_fraction < 1:
+            raise ValueError("fraction must be in (0, 1) and sanity_fraction in [0, 1)")
+
+
+def _train_and_eval(pool, indices, cfg: ValidateConfig, seed: int, out_dir: Path, evals: dict, device) -> dict:
+    from dsdm.config import from_dict
+    from dsdm.model import load_model
+    from dsdm.train import TrainConfig, train
+
+    tcfg = {**cfg.train, "seed": seed}
+    model = load_model(train(pool, indices, from_dict(TrainConfig, tcfg, prefix="train."), out_dir)).to(device)
+    return {name: float(continuation_loss(model, tok, sc, device).mean()) for name, (tok, sc) in evals.items()}
+
+
+def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) -> dict:
+    """Write out_dir/lds.json (LDS, per-subset predictions and losses, sanity losses) and the trained models."""
+    from dsdm.common import log, numpy_rng, resolve_device
+    from dsdm.datamodel import ScoreConfig, score_tasks
+    from dsdm.io import save_npy, write_json
+    from dsdm.pool import Pool
+    from dsdm.proxies import draw_subset
+    from dsdm.select import bottom_k, top_k, uniform_k
+    from dsdm.tasks import encode_examples, load_task
+
+    started = time.time()
+    device, why = resolve_device(cfg.device)
+    log(f"device {why}")
+    pool, out_dir = Pool(pool_dir), Path(out_dir)
+    task = load_task(task_spec)
+    evals = {}
+    for split in ("target", "holdout"):
+        tok, _, sc = encode_examples(pool.tokenizer, task.split(split), pool.seq_len, pool.eos_id)
+        evals[split] = (tok, sc)
+    scores = score_tasks(Path(features_dir), [task_spec], ScoreConfig(ridge=cfg.ridge), device)[0][:, 0]
+    save_npy(out_dir / "scores.npy", scores.astype(np.float32))
+    n = len(pool)
+    subsets = [draw_subset(n, cfg.fraction, cfg.seed, 10_000 + j) for j in range(cfg.subsets)]
+    losses = []
+    for j, s in enumerate(subsets):
+        save_npy(out_dir / "subsets" / f"subset_{j}.npy", s)
+        losses.append(
+            _train_and_eval(pool, s, cfg, cfg.seed * 1000 + j, out_dir / "models" / f"lds_{j}", evals, device)
+        )
+        log(f"LDS subset {j + 1}/{cfg.subsets}: target loss {losses[-1]['target']:.4f}")
+    pred = subset_predictions(scores, subsets)
+    target_losses = np.array([r["target"] for r in losses])
+    record = {
+        "task": task.name,
+        "lds_target": lds(pred, target_losses),
+        "lds_holdout": lds(pred, np.array([r["holdout"] for r in losses])),
+        "predictions": pred.tolist(),
+        "losses": losses,
+        "config": vars(cfg),
+    }
+    log(f"LDS (Spearman, predicted helpfulness vs -target loss, {cfg.subsets} subsets): {record['lds_target']:.3f}")
+    if cfg.sanity_fraction > 0:
+        k = max(1, int(round(cfg.sanity_fraction * n)))
+        arms = {
+            "top_k": top_k(scores, k),
+            "random": uniform_k(n, k, numpy_rng((cfg.seed, 20_000))),
+            "bottom_k": bottom_k(scores, k),
+        }
+        sanity = {}
+        for name, idx in arms.items():
+            sanity[name] = _train_and_eval(
+                pool, np.sort(idx), cfg, cfg.seed * 1000 + 999, out_dir / "models" / name, evals, device
+            )
+            log(f"sanity {name} (k={k}): holdout loss {sanity[name]['holdout']:.4f}")
+        h = {a: sanity[a]["holdout"] for a in arms}
+        record["sanity"] = {
+            "k": k,
+            "losses": sanity,
+            "top_beats_random": h["top_k"] < h["random"],
+            "bottom_loses_to_random": h["bottom_k"] > h["random"],
+        }
+    record["wall_time_s"] = round(time.time() - started, 1)
+    write_json(out_dir / "lds.json", record)
+    return record
