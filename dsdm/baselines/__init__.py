@@ -143,6 +143,8 @@ def run(
     if method in BASELINES and "seed" in BASELINES[method].__dataclass_fields__:
         params.setdefault("seed", int(seed))  # k-means / SVD seeds follow --seed unless set explicitly
     est = make(method, params)
+    if not est.targeted:
+        target_specs = []  # untargeted: --target plays no part (for dsdm it only labels the score file's target)
     tasks = [load_task(s) for s in target_specs]
     if k < 0 or k > len(pool):
         raise ValueError(f"--k {k} must be between 0 and the pool size {len(pool)}")
