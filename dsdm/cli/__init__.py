@@ -17,6 +17,7 @@ import sys
 COMMANDS: list[str] = [
     "dsdm.cli.baselines",
     "dsdm.cli.estimator",
+    "dsdm.cli.experiment",
 ]
 
 
