@@ -330,32 +330,18 @@ class Runner:
         return list(dict.fromkeys(specs))
 
     def features(self, pool) -> Path:
-        """Train M proxies and featurize the pool with each; returns the features dir that dsdm.datamodel reads."""
-        from dsdm.config import to_dict
-        from dsdm.featurize import FeaturizeConfig, featurize_proxy
-        from dsdm.io import read_json, write_json
+        """Train the M proxies (dsdm.proxies) and featurize the pool with each (dsdm.featurize), once per run dir;
+        returns <out>/features, which dsdm.datamodel reads."""
+        from dsdm.featurize import FeaturizeConfig
+        from dsdm.featurize import run as featurize_run
 
         proxies_run = _upstream("dsdm.proxies", "run", "method dsdm")
         proxies_cfg = _upstream("dsdm.proxies", "ProxiesConfig", "method dsdm")
-        load_model = _upstream("dsdm.model", "load_model", "method dsdm")
-        pdir = Path(proxies_run(pool.path, self.out / "proxies", _stage_cfg(proxies_cfg, self.cfg.proxy, "proxy")))
-        proxies = [pdir / m for m in read_json(pdir / "manifest.json")["models"]]
+        _upstream("dsdm.model", "load_model", "method dsdm")
+        pcfg = _stage_cfg(proxies_cfg, self.cfg.proxy, "proxy")
+        pdir = proxies_run(pool.path, self.out / "proxies", pcfg, force=self.force)
         fcfg = _stage_cfg(FeaturizeConfig, self.cfg.featurize, "featurize", device=self.cfg.device)
-        feats = self.out / "features"
-        for m, proxy in enumerate(proxies):
-            featurize_proxy(pool, load_model(proxy), feats / f"proxy_{m}", fcfg, m, self.device)
-        featurize = {k: v for k, v in to_dict(fcfg).items() if k != "device"}
-        write_json(
-            feats / "manifest.json",
-            {
-                "num_proxies": len(proxies),
-                "proxies": [str(p) for p in proxies],
-                "pool": str(pool.path),
-                "pool_fingerprint": pool.fingerprint,
-                "featurize": featurize,
-            },
-        )
-        return feats
+        return Path(featurize_run(pool.path, pdir, self.out / "features", fcfg, force=self.force))
 
     # -- scores and selections ----------------------------------------------------------------------------------
 

@@ -1,0 +1,152 @@
+"""dsdm.report: aggregation, the equivalent-compute interpolation, and rendering (HTML parses, every image exists).
+
+The rendering test writes a results.csv by hand: it checks the report machinery on a known table, it is not a result.
+The end-to-end test in tests/test_experiment.py renders the report of a real micro run.
+Run: .venv/bin/python -m pytest -q tests/test_report.py
+"""
+
+import csv
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsdm.experiment import RESULT_COLUMNS, UNTARGETED_NAME, read_results
+from dsdm.report import aggregate, comparison_table, equivalent_compute, main_cells, render
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables, self.stack = [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        if tag == "table":
+            self.tables += 1
+        if tag not in ("img", "meta", "br"):
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}>, open: {self.stack[-3:]}"
+        self.stack.pop()
+
+
+def check_report(run_dir: Path) -> _Collector:
+    """report.html parses with balanced tags, has tables, and every <img> points at an existing non-empty PNG."""
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    parser = _Collector()
+    parser.feed(page)
+    parser.close()
+    assert parser.stack == [], f"unclosed tags {parser.stack}"
+    assert parser.tables >= 2 and parser.images
+    for src in parser.images:
+        png = run_dir / src
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    for src in parser.images:
+        assert f"]({src})" in md
+    return parser
+
+
+def test_equivalent_compute_interpolates_in_log_compute():
+    curve = [(1.0, 4.0, 0.0), (2.0, 3.0, 0.0), (4.0, 2.5, 0.0)]
+    assert equivalent_compute(4.0, curve) == (1.0, "")
+    c, flag = equivalent_compute(3.5, curve)  # halfway between 1x and 2x in loss -> 2**0.5
+    assert flag == "" and c == pytest.approx(math.sqrt(2))
+    c, flag = equivalent_compute(2.75, curve)
+    assert flag == "" and c == pytest.approx(2**1.5)
+    c, flag = equivalent_compute(2.0, curve)  # better than 4x: extend the last segment (slope 2 doublings / loss)
+    assert flag == ">" and c == pytest.approx(2**3)
+    c, flag = equivalent_compute(4.5, curve)
+    assert flag == "<" and c == pytest.approx(2**-0.5)
+    assert math.isnan(equivalent_compute(3.0, curve[:1])[0])
+
+
+def _write_csv(path: Path, rows: list[dict]):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _table(seed_noise=0.01):
+    """A results table for rendering: random at 1x/2x/4x, two targeted methods at two k, 2 seeds, 3 eval tasks."""
+    rng = np.random.default_rng(0)
+    rows = []
+    T, L = 4096, 64
+    for seed in (0, 1):
+        for mult, base in ((1, 5.0), (2, 4.6), (4, 4.3)):
+            k = mult * T // L
+            for task in ("a", "b", "u"):
+                rows.append(
+                    dict(
+                        target=UNTARGETED_NAME,
+                        method="random",
+                        k=k,
+                        epochs=1,
+                        seed=seed,
+                        tokens=mult * T,
+                        eval_task=task,
+                        loss=base + rng.normal() * seed_noise,
+                        accuracy=0.1 * mult,
+                    )
+                )
+        for method, gain in (("dsdm", 0.5), ("dsir", 0.1)):
+            for k, epochs in ((T // (4 * L), 4), (T // L, 1)):
+                for task in ("a", "b", "u"):
+                    rows.append(
+                        dict(
+                            target="a",
+                            method=method,
+                            k=k,
+                            epochs=epochs,
+                            seed=seed,
+                            tokens=T,
+                            eval_task=task,
+                            loss=5.0 - gain * (task == "a") + rng.normal() * seed_noise,
+                            accuracy=0.2,
+                        )
+                    )
+    return rows
+
+
+def test_aggregation_and_main_cells(tmp_path):
+    _write_csv(tmp_path / "results.csv", _table())
+    rows = read_results(tmp_path / "results.csv")
+    main = main_cells(rows)
+    assert {(r["method"], r["k"]) for r in main} == {("random", 64), ("dsdm", 16), ("dsir", 16)}
+    agg = aggregate(rows)
+    m, sd, n = agg[("a", "dsdm", 16, 4.0, 4096, "a")]
+    assert n == 2 and m == pytest.approx(4.5, abs=0.05) and sd < 0.05
+    header, table = comparison_table(rows)
+    assert header[-3:] == ["a", "b", "u"] and table[0][:2] == [UNTARGETED_NAME, "random"]
+
+
+def test_render_writes_parsable_html_with_existing_images(tmp_path):
+    """Rendering test on a hand-written table (not a result): HTML parses, every image exists, tables are filled."""
+    _write_csv(tmp_path / "results.csv", _table())
+    (tmp_path / "eval_groups.json").write_text(json.dumps({"a": ["a"], "unseen": ["u"]}))
+    sel = tmp_path / "selections" / "dsdm_a_16_s0"
+    sel.mkdir(parents=True)
+    (sel / "selection.json").write_text(json.dumps({"seed": 0, "composition": {"wiki": 10, "books": 6}}))
+    (tmp_path / "scores").mkdir()
+    np.save(tmp_path / "scores" / "dsdm_a.npy", np.random.default_rng(0).normal(size=200).astype(np.float32))
+    html = render(tmp_path)
+    parser = check_report(tmp_path)
+    assert {"figures/methods.png", "figures/compute.png", "figures/composition.png"} <= set(parser.images)
+    md = (tmp_path / "report.md").read_text()
+    # dsdm's target loss 4.5 lies between random 4x (4.3) and 2x (4.6): its equivalent compute is in (2x, 4x)
+    line = next(x for x in md.splitlines() if x.startswith("| a | a | dsdm |"))
+    c = float(line.split("|")[-2].strip().rstrip("x"))
+    assert 2 < c < 4
+    assert html == tmp_path / "report.html"
+
+
+def test_render_refuses_missing_results(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results.csv"):
+        render(tmp_path)
