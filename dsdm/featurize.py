@@ -236,17 +236,28 @@ class FactorizedSketch:
 
 
 class DenseSketch:
-    """Exact TRAK features: per-example gradients of `params` ('all' or 'linear') times a seeded Rademacher P."""
+    """Exact TRAK features: per-example gradients of `params` ('all' or 'linear') times a seeded Rademacher P.
 
-    def __init__(self, model: nn.Module, k: int, seed: int, proxy: int, params: str = "all"):
-        self.model, self.k, self.seed, self.proxy = model, k, seed, proxy
+    The whole batch is projected at once while gradients are computed in vmap chunks of `chunk` examples: generating
+    P costs p x k random signs per call whatever the batch, so a large batch (featurize.batch_size) amortizes it.
+    """
+
+    def __init__(self, model: nn.Module, k: int, seed: int, proxy: int, params: str = "all", chunk: int = 8):
+        self.model, self.k, self.seed, self.proxy, self.chunk = model, k, seed, proxy, chunk
         self.params = dense_params(model, params)
         self.dim = k
 
     def sketch(self, tokens: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grads = per_example_grads(self.model, self.params, tokens, score)
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.params}
+        for start in range(0, tokens.shape[0], self.chunk):
+            grads = per_example_grads(
+                self.model, self.params, tokens[start : start + self.chunk], score[start : start + self.chunk]
+            )
+            for n, g in grads.items():
+                parts[n].append(g)
         with torch.no_grad():
             q = output_and_q(self.model(tokens), tokens, score)[1]
+        grads = {n: torch.cat(v) for n, v in parts.items()}
         return dense_project(grads, self.k, self.seed, self.proxy), q
 
 
