@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -373,22 +374,26 @@ class Runner:
         cell seed drives the selection draw (DSIR's Gumbel noise, SemDeDup's uniform draw, random's scores)."""
         from dsdm.baselines import fit_and_score, target_texts
         from dsdm.common import log
-        from dsdm.io import save_npy
+        from dsdm.io import read_json, save_npy, write_json
 
         est = self.estimator(method, target, seed)
         if method == "random":
             return est, fit_and_score(est, pool, [], seed)[0]
         tname = target.name if target else UNTARGETED_NAME
         path = self.out / "scores" / f"{_score_stem(method, tname)}.npy"
-        if path.exists():
-            s = np.load(path)
-            if method in ("dsdm", "dsdm-inverse"):
-                est.fit()
-            return est, s
+        if method in ("dsdm", "dsdm-inverse"):
+            est.fit()
+            return est, np.load(path)
+        key = {"options": self.cfg.method_options.get(method, {}), "pool": pool.fingerprint}
+        key["tasks"] = list(target.tasks) if target else []
+        side = path.with_suffix(".json")
+        if path.exists() and side.exists() and read_json(side) == key:
+            return est, np.load(path)
         t0 = time.time()
         tasks = [self.task(s) for s in target.tasks] if target else []
         s, _ = fit_and_score(est, pool, target_texts(tasks), 0)
         save_npy(path, np.asarray(s))
+        write_json(side, key)
         log(f"scores {method}/{tname}: {time.time() - t0:.1f}s -> {path}")
         return est, s
 
@@ -424,7 +429,7 @@ class Runner:
     # -- evaluation models ------------------------------------------------------------------------------------------
 
     def train_and_eval(self, pool, cell: Cell, indices: np.ndarray) -> dict:
-        from dsdm.io import read_json, write_json
+        from dsdm.io import _diff_keys, read_json, write_json
 
         train = _upstream("dsdm.train", "train", "training evaluation models")
         train_cfg_cls = _upstream("dsdm.train", "TrainConfig", "training evaluation models")
@@ -433,8 +438,15 @@ class Runner:
         eval_path = self.out / "eval" / f"{cell.name}.json"
         key = {**dataclasses.asdict(cell), "eval_model": self.cfg.eval_model, "eval": dataclasses.asdict(self.cfg.eval)}
         key["eval_tasks"] = self.eval_tasks()
-        if eval_path.exists() and not self.force and read_json(eval_path).get("key") == key:
-            return read_json(eval_path)
+        if eval_path.exists() and not self.force:
+            old = read_json(eval_path).get("key")
+            if old == json.loads(json.dumps(key)):
+                return read_json(eval_path)
+            changed = ", ".join(_diff_keys(old or {}, json.loads(json.dumps(key)))) or "(unknown)"
+            raise ValueError(
+                f"{eval_path} was produced by a different configuration (changed: {changed}). "
+                "Use another output directory, or pass --force to redo it."
+            )
         names = {f.name for f in dataclasses.fields(train_cfg_cls)}
         budget = next((n for n in ("tokens", "max_tokens", "token_budget") if n in names), None)
         if budget is None:
