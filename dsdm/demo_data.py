@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,7 +292,6 @@ def write_tasks(tasks: dict, out: Path) -> list[Path]:
 def run(cfg: DemoDataConfig, out_dir: str | Path) -> dict:
     """Build the pool + tasks under out_dir (docs/, tasks/, MANIFEST.json, _done.json); returns the manifest."""
     started, out, cache = time.time(), Path(out_dir), Path(cfg.cache)
-    rng = numpy_rng(cfg.seed)
     names = sorted(cfg.sources or [n for n, s in SOURCES.items() if s.committable or not cfg.embedded])
     task_sources = {"austen", "moby_dick", "brown", "sotu", "devils_dictionary", "jargon", "fortunes", "kjv"}
     docs_by_source = load_all(sorted(set(names) | task_sources), cache)

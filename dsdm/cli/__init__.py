@@ -18,6 +18,7 @@ COMMANDS: list[str] = [
     "dsdm.cli.baselines",
     "dsdm.cli.estimator",
     "dsdm.cli.experiment",
+    "dsdm.cli.data",
 ]
 
 

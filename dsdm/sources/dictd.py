@@ -64,13 +64,9 @@ def devil(roots: list[Path]) -> list[dict]:
 
 
 def devil_definitions(text: str) -> tuple[str, str] | None:
-    """A Devil's Dictionary entry -> (TERM, definition on one line), or None when it has no usable definition."""
-    lines = text.strip().splitlines()
-    if len(lines) < 2:
+    """A Devil's Dictionary entry 'TERM, n.  Definition ...' -> (TERM, definition on one line), or None."""
+    flat = " ".join(text.split())
+    m = re.match(r"^([A-Z][A-Z '\-]*[A-Z]),?\s*(?:[a-z]{1,5}\.\s*)*(.*)$", flat)
+    if not m or len(m.group(2)) < 20:
         return None
-    head = lines[0].strip()
-    m = re.match(r"^([A-Z][A-Z '\-]+?)(?:,\s*[a-z.]+)*\s*$", head)
-    body = " ".join(" ".join(lines[1:]).split())
-    if not m or len(body) < 20:
-        return None
-    return m.group(1).strip(), body
+    return m.group(1).strip(), m.group(2).strip()

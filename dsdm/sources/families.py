@@ -21,7 +21,7 @@ STOPWORDS = set(
     "the a an and or but if of to in on at by for with from as is was were be been are it its he she they them his her "
     "their this that these those i you we me my your our not no so do did does have has had will would shall should "
     "can could may might must there here what which who whom whose when where why how all any some one two very more "
-    "most such than then too also into upon over under out up down off about after before again said mr mrs miss".split()
+    "most such than then too also into upon over under out up down off about after before again said mr mrs".split()
 )
 _SENT = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z])")
 
@@ -55,7 +55,7 @@ def _task(target, holdout, **info) -> dict:
 # ---- LAMBADA-style ----------------------------------------------------------------------------------------------
 
 
-def lambada_examples(text: str, unit: str, window: int = 4, stride: int = 3, max_chars: int = 700) -> list[dict]:
+def lambada_examples(text: str, unit: str, window: int = 4, stride: int = 1, max_chars: int = 800) -> list[dict]:
     """Passages of `window` sentences; target = last word, kept if it is a ≥3-letter non-stopword seen earlier."""
     sents = sentences(text)
     out = []
@@ -74,7 +74,7 @@ def lambada_examples(text: str, unit: str, window: int = 4, stride: int = 3, max
     return out
 
 
-def lambada_style(docs: list[dict], rng: np.random.Generator, fraction: float = 0.25, n: int = 1000):
+def lambada_style(docs: list[dict], rng: np.random.Generator, fraction: float = 0.3, n: int = 1000):
     """Last-word prediction over held-out chapters of Austen and Moby-Dick and held-out Brown fiction files."""
     narrative = [
         d
@@ -190,7 +190,8 @@ def cloze_examples(text: str, unit: str, max_passage: int = 320) -> list[dict]:
                     and not re.search(rf"\b{w2}\b.*\b{w2}\b", q)
                 ):
                     question = re.sub(rf"\b{w2}\b", "_____", q, count=1)
-                    ctx = f"Passage: {passage}\nQuestion: Which word from the passage fills the blank? {question}\nAnswer:"
+                    ctx = f"Passage: {passage}\nQuestion: Which word from the passage fills the blank? {question}"
+                    ctx += "\nAnswer:"
                     out.append(
                         {
                             "context": ctx,
@@ -204,7 +205,7 @@ def cloze_examples(text: str, unit: str, max_passage: int = 320) -> list[dict]:
     return out
 
 
-def squad_style(docs: list[dict], rng: np.random.Generator, fraction: float = 0.2, n: int = 1000, k: int = 3):
+def squad_style(docs: list[dict], rng: np.random.Generator, fraction: float = 0.3, n: int = 1000, k: int = 3):
     """Extractive cloze over held-out SOTU speeches and Brown press files (SQuAD-style, span answers)."""
     news = [
         d

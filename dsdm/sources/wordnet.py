@@ -14,7 +14,7 @@ POS_FILES = {"n": "data.noun", "v": "data.verb", "a": "data.adj", "r": "data.adv
 
 
 def parse_data_line(line: str) -> dict | None:
-    """One data.POS line -> {offset, pos, lemmas, pointers [(symbol, offset, pos)], gloss}; None for the licence header."""
+    """One data.POS line -> {offset, pos, lemmas, pointers [(symbol, offset, pos)], gloss}; None for the header."""
     if line.startswith("  "):
         return None
     head, _, gloss = line.partition(" | ")
