@@ -22,7 +22,9 @@ def resolve_device(spec: str = "auto") -> tuple[torch.device, str]:
             raise ValueError(f"device={spec!r} was asked for but CUDA is not available; use device=auto or cpu")
         return device, f"{spec}: asked for explicitly"
     if torch.cuda.is_available():
-        return torch.device("cuda"), f"cuda: {torch.cuda.device_count()} GPU(s) visible ({torch.cuda.get_device_name(0)})"
+        return torch.device(
+            "cuda"
+        ), f"cuda: {torch.cuda.device_count()} GPU(s) visible ({torch.cuda.get_device_name(0)})"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps"), "mps: Apple GPU available"
     return torch.device("cpu"), "cpu: no GPU available"

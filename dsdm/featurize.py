@@ -269,6 +269,9 @@ def make_sketch(model: nn.Module, projector: str, k: int, seed: int, proxy: int,
     if projector == "factorized":
         return FactorizedSketch(model, k, seed, proxy, device)
     if projector == "dense":
+        from dsdm.model import set_attn_impl
+
+        set_attn_impl(model, "eager")  # vmap has no batching rule for SDPA's backward on CPU
         return DenseSketch(model, k, seed, proxy, dense_params)
     raise ValueError(f"projector must be 'factorized' or 'dense', got {projector!r}")
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -38,17 +37,12 @@ def lds(predictions: np.ndarray, losses: np.ndarray) -> float:
     return spearman(predictions, -np.asarray(losses))
 
 
-@torch.no_grad()
 def continuation_loss(model, tokens: np.ndarray, score: np.ndarray, device, batch_size: int = 32) -> np.ndarray:
-    """Per-example mean NLL over scored tokens. tokens, score: (n, T) -> (n,) float64."""
-    out = []
-    model.eval()
-    for start in range(0, tokens.shape[0], batch_size):
-        t = torch.as_tensor(tokens[start : start + batch_size], device=device)
-        s = torch.as_tensor(score[start : start + batch_size], device=device)[:, 1:].double()
-        logp = model(t)[:, :-1].double().log_softmax(-1).gather(-1, t[:, 1:, None]).squeeze(-1)
-        out.append((-(logp * s).sum(1) / s.sum(1).clamp_min(1)).cpu().numpy())
-    return np.concatenate(out)
+    """Per-example mean NLL over scored tokens (dsdm.evaluate's metric). tokens, score: (n, T) -> (n,) float64."""
+    from dsdm.evaluate import continuation_scores
+
+    nll, count, _ = continuation_scores(model, tokens, score, device, batch_size)
+    return nll / np.maximum(count, 1)
 
 
 # -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ COMMANDS: list[str] = [
     "dsdm.cli.estimator",
     "dsdm.cli.experiment",
     "dsdm.cli.data",
+    "dsdm.cli.models",
 ]
 
 
@@ -34,6 +35,15 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         help="override one setting, dotted (e.g. --set proj_dim=512); repeatable; unknown keys are an error",
     )
     parser.add_argument("--force", action="store_true", help="redo the stage even if its outputs are marked done")
+
+
+def config_from_args(cls, args, **explicit):
+    """YAML (--config) -> --set overrides -> explicit flags (those not None) -> validated dataclass `cls`."""
+    from dsdm.config import apply_overrides, from_dict, load_yaml
+
+    data = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
+    data.update({k: v for k, v in explicit.items() if v is not None})
+    return from_dict(cls, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,12 +9,9 @@ RAW = argparse.RawDescriptionHelpFormatter
 
 
 def _cfg(cls, args, **explicit):
-    """YAML (--config) -> --set overrides -> explicit flags (those not None) -> validated dataclass."""
-    from dsdm.config import apply_overrides, from_dict, load_yaml
+    from dsdm.cli import config_from_args
 
-    data = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
-    data.update({k: v for k, v in explicit.items() if v is not None})
-    return from_dict(cls, data)
+    return config_from_args(cls, args, **explicit)
 
 
 def register(subparsers) -> None:
