@@ -6,7 +6,6 @@ Run: .venv/bin/python -m pytest -q tests/test_experiment.py
 """
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -149,14 +148,12 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path, capsys):
     out = tmp_path / "run"
     cfg_path = REPO_ROOT / "configs" / "micro.yaml"
     cfg = load_experiment(cfg_path, base_dir=tmp_path)
-    started = time.time()
     # through the real CLI, with the data paths resolved against tmp_path via a copy of the config
     resolved = tmp_path / "micro.yaml"
     from dsdm.config import save_config
 
     save_config(cfg, resolved)
     assert main(["experiment", str(resolved), "--out", str(out)]) == 0
-    first = time.time() - started
     printed = capsys.readouterr().out
     assert "report:" in printed and "dsdm" in printed
 
@@ -176,9 +173,7 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path, capsys):
 
     # a re-run trains nothing: every cell is cached
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*.json")}
-    started = time.time()
     assert main(["experiment", str(resolved), "--out", str(out)]) == 0
-    assert time.time() - started < max(10.0, first / 4)
     assert {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*.json")} == mtimes
     # a changed setting is refused, naming the key
     assert main(["experiment", str(resolved), "--out", str(out), "--set", "method_options.dsir.num_buckets=99"]) == 1
