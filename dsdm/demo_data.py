@@ -149,7 +149,7 @@ def build_tasks(docs_by_source: dict[str, list[dict]], extra: dict, rng: np.rand
         for d in docs_by_source.get("fortunes", [])
         if 40 <= len(d["text"]) <= 200 and "\n\t\t--" not in d["text"]
     ]
-    by_split, units = families.completion_task("fortune_completion", "fortunes", fort, rng, 0.12, 2, n)
+    by_split, units = families.completion_task("fortune_completion", "fortunes", fort, rng, 0.25, 2, n)
     tasks.update(
         families._mc_task(
             "fortune_completion",

@@ -74,7 +74,7 @@ def lambada_examples(text: str, unit: str, window: int = 4, stride: int = 1, max
     return out
 
 
-def lambada_style(docs: list[dict], rng: np.random.Generator, fraction: float = 0.3, n: int = 1000):
+def lambada_style(docs: list[dict], rng: np.random.Generator, fraction: float = 0.4, n: int = 1000):
     """Last-word prediction over held-out chapters of Austen and Moby-Dick and held-out Brown fiction files."""
     narrative = [
         d
