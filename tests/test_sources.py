@@ -430,3 +430,15 @@ def test_no_holdout_example_occurs_in_the_demo_pool(manifest):
         hit = (pool_h[np.minimum(np.searchsorted(pool_h, ends), len(pool_h) - 1)] == ends).all(axis=1)
         leaks += [key for (key, _), h in zip(items, hit) if h and f" {key} " in pool]  # "5th" must not match "15th"
     assert not leaks, f"{len(leaks)} holdout examples occur in the demo pool, e.g. {leaks[:2]}"
+
+
+def test_data_cli_describe_and_flag_names(capsys):
+    from dsdm.cli import main
+
+    assert main(["data", "describe", str(DEMO), "--samples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "TOTAL" in out and "lambada_style" in out and "[kjv] Genesis" in out
+    with pytest.raises(SystemExit):
+        main(["data", "build-demo", "--help"])
+    usage = capsys.readouterr().out
+    assert all(f in usage for f in ("--out", "--cache", "--embedded", "--seed", "--config", "--set", "--force"))
