@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dsdm.cli import add_config_args
 
@@ -50,7 +51,13 @@ def _build(args) -> int:
     if is_done(args.out, asdict(cfg), args.force):
         print(f"{args.out} is already built with this config (pass --force to rebuild)")
         return 0
-    run(cfg, args.out)
+    from dsdm.sources.fetch import FetchError
+
+    try:
+        run(cfg, args.out)
+    except FetchError as e:
+        print(f"dsdm data build-demo: could not fetch a package: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
