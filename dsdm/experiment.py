@@ -61,7 +61,7 @@ class PoolSpec:
     inputs: list[str] = field(default_factory=list)
     """Document files (Parquet/JSONL with a `text` column, globs allowed) to build the pool from into <out>/pool/."""
     build: dict[str, Any] = field(default_factory=dict)
-    """Settings of the pool build (dsdm.pool PoolBuildConfig fields: tokenizer, seq_len, ...)."""
+    """Settings of the pool build (dsdm.ingest PoolBuildConfig fields: tokenizer, seq_len, ...)."""
 
     def __post_init__(self):
         if bool(self.path) == bool(self.inputs):
@@ -310,13 +310,10 @@ class Runner:
             return Pool(self.cfg.pool.path)
         out = self.out / "pool"
         if not (out / "_done.json").exists() or self.force:
-            try:
-                build_pool = _upstream("dsdm.pool", "build_pool", "pool.inputs")
-                cfg_cls = _upstream("dsdm.pool", "PoolBuildConfig", "pool.inputs")
-            except ValueError:
-                build_pool = _upstream("dsdm.build_pool", "build_pool", "pool.inputs")
-                cfg_cls = _upstream("dsdm.build_pool", "PoolBuildConfig", "pool.inputs")
-            build_pool(self.cfg.pool.inputs, out, _stage_cfg(cfg_cls, self.cfg.pool.build, "pool.build"))
+            from dsdm.ingest import PoolBuildConfig, build_pool
+
+            cfg = _stage_cfg(PoolBuildConfig, self.cfg.pool.build, "pool.build")
+            build_pool(self.cfg.pool.inputs, out, cfg, force=self.force)
         return Pool(out)
 
     def task(self, spec: str):

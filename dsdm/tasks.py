@@ -20,6 +20,7 @@ The same loader and the same encoder (`encode_examples`) feed both featurization
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ def parse_example(row: Any, where: str) -> tuple[TaskExample, str | None]:
         if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
             raise ValueError(f"{where}: 'choices' must be a list of at least two non-empty strings")
         if not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices)):
-            raise ValueError(f"{where}: 'answer' must be an index into 'choices' (0..{len(choices) - 1}), got {answer!r}")
+            raise ValueError(
+                f"{where}: 'answer' must be an index into 'choices' (0..{len(choices) - 1}), got {answer!r}"
+            )
         choices = tuple(choices)
     elif answer is not None:
         raise ValueError(f"{where}: 'answer' is given without 'choices'")
@@ -182,3 +185,58 @@ def encode_examples(tokenizer, examples: list[TaskExample], max_len: int, bos_id
         mask[i, : ids.shape[0]] = True
         score[i, : ids.shape[0]] = sc
     return tokens, mask, score
+
+
+# -----------------------------------------------------------------------------
+# Leak check: holdout examples that occur in the pool
+
+
+def normalize(text: str) -> str:
+    """Leak-check normal form: Unicode NFKC, lowercase, every whitespace run a single space, stripped."""
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def _pool_texts(pool, block: int, overlap: int):
+    """Normalized decoded pool text in blocks of `block` examples. Packed examples are consecutive slices of one
+    token stream, so each block is decoded with the previous block's last `overlap` tokens in front (a holdout
+    text cut by an example boundary is still found); per-document examples are decoded one by one and joined
+    with a NUL, which no normalized key contains."""
+    offsets = np.asarray(pool.offsets)
+    packed = pool.manifest.get("mode") == "pack"
+    for start in range(0, len(pool), block):
+        stop = min(start + block, len(pool))
+        if packed:
+            lo = max(int(offsets[start]) - overlap, 0)
+            yield normalize(pool.tokenizer.decode(pool.tokens[lo : offsets[stop]].tolist(), skip_special_tokens=False))
+        else:
+            rows = [pool[i].tolist() for i in range(start, stop)]
+            yield " \x00 ".join(normalize(t) for t in pool.tokenizer.decode_batch(rows, skip_special_tokens=False))
+
+
+def find_leaks(pool, tasks: list[Task], anchor: int = 8, block: int = 512) -> dict[str, list[str]]:
+    """Holdout example ids per task whose normalized context + continuation occurs in the decoded pool text.
+
+    Exact substring semantics, linear in the pool: if a normalized key K of w words occurs in the normalized text,
+    its interior words (all but the first and last, which may be glued to neighbours) occur there as whole words.
+    Each key is indexed by its first min(anchor, w - 2) interior words; a pool block is searched for K (a substring
+    test) only when it contains that word n-gram. Keys of one or two words are substring-tested directly.
+    """
+    keys = {k: None for task in tasks for ex in task.holdout if (k := normalize(ex.context + ex.continuation))}
+    by_n: dict[int, dict[tuple[str, ...], list[str]]] = {}  # n -> interior n-gram -> keys
+    short = []
+    for k in keys:
+        words = k.split()
+        if len(words) <= 2:
+            short.append(k)
+            continue
+        n = min(anchor, len(words) - 2)
+        by_n.setdefault(n, {}).setdefault(tuple(words[1 : 1 + n]), []).append(k)
+    longest = max((len(pool.tokenizer.encode(k).ids) for k in keys), default=0)
+    found: set[str] = set()
+    for text in _pool_texts(pool, block, overlap=4 * longest + 16):  # normalization can only shorten the text
+        words = text.split()
+        for n, index in by_n.items():
+            for gram in set(zip(*(words[j:] for j in range(n)))) & index.keys():
+                found.update(k for k in index[gram] if k not in found and k in text)
+        found.update(k for k in short if k not in found and k in text)
+    return {t.name: [ex.id for ex in t.holdout if normalize(ex.context + ex.continuation) in found] for t in tasks}

@@ -19,6 +19,8 @@ COMMANDS: list[str] = [
     "dsdm.cli.estimator",
     "dsdm.cli.experiment",
     "dsdm.cli.data",
+    "dsdm.cli.pool",
+    "dsdm.cli.tasks",
     "dsdm.cli.models",
 ]
 

@@ -1,0 +1,665 @@
+"""Ingest: documents on disk -> the tokenized pool store (dsdm.pool), streaming, in worker processes.
+
+Inputs (expanded in sorted order, so the same inputs always give the same pool):
+    *.jsonl / *.ndjson / *.json, optionally .gz or .zst    one JSON object per line
+    *.parquet, globs, directories of them                   read one record batch at a time (pyarrow)
+    a Hugging Face `datasets` save_to_disk directory        its Arrow stream files, one record batch at a time
+    *.txt files, or directories of them                     one document per file
+The text is read from `text_field` (default `text`). `source` and `doc_id` columns are used when present (default
+source: the input's name, i.e. the file stem or the directory name; default doc_id: FILE:LINE or FILE:ROW). Other
+scalar columns found by a cheap pre-scan (the schema, or the first META_SCAN_LINES lines of a JSONL file) are kept
+as string metadata columns; keys seen only later are counted in pool.json (`meta_keys_not_kept`), not stored.
+
+Bad input (malformed JSON line, missing or non-string text field, non-UTF-8 bytes, NUL bytes, an empty document,
+a document over `max_doc_bytes`): with on_error=raise (default) the build stops with a ValueError naming the file,
+the line or row, and the fix; with on_error=skip the document is skipped and counted by reason, the counts (and the
+first few locations per reason) are printed and stored in pool.json. Nothing is dropped silently: documents shorter
+than `min_tokens` and the packing remainder are counted in pool.json too.
+
+Modes (the paper packs, method.md §9.1): pack=True joins documents with EOS and cuts the stream into seq_len-token
+examples (the last partial one is dropped and counted); each example's `source` is the source contributing most of
+its tokens, its doc_id and other metadata those of the document contributing most. pack=False keeps one example per
+document: its tokens followed by EOS, truncated to seq_len.
+
+Memory stays bounded whatever the input size: readers stream, at most `2 * workers` batches of `batch_docs`
+documents are in flight, and PoolWriter streams to disk. Tokenization runs in `workers` processes; batches
+are submitted with a bounded window of apply_async calls and collected in order (Pool.imap would read the whole
+input ahead), so the output does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+
+from dsdm.common import log, progress
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+COMPRESSED = (".gz", ".zst")
+RESERVED = ("example_id", "doc_id", "source", "length", "content_hash")  # written by PoolWriter itself
+META_SCAN_LINES = 100
+MAX_EXAMPLES_PER_REASON = 5  # locations of skipped documents kept in pool.json per reason
+Doc = tuple[str, str, dict, str]  # (text, doc_id, meta, where); meta holds `source` and the kept scalar columns
+
+
+@dataclass
+class PoolBuildConfig:
+    tokenizer: str = "train:8192"
+    """A tokenizer.json, a Hugging Face tokenizer directory, `gpt2`, or `train:VOCAB` (dsdm.tokenizer)."""
+    text_field: str = "text"
+    """The column / JSON key holding each document's text."""
+    seq_len: int = 512
+    """L, tokens per example (the paper's pools use 1024 with GPT-2's tokenizer)."""
+    pack: bool = True
+    """True: join documents with EOS and cut into L-token examples; False: one example per document (truncated)."""
+    min_tokens: int = 1
+    """Documents with fewer tokens (EOS excluded) are dropped and counted, in both modes."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """What a bad document does: raise (stop, naming file, line and fix) or skip (count by reason in pool.json)."""
+    max_doc_bytes: int = 1_000_000
+    """Documents larger than this (UTF-8 bytes) are bad input; raise it to keep very large documents."""
+    workers: int = 0
+    """Tokenizer processes; 0 = one per CPU core but one (at most 8); 1 = tokenize in the main process."""
+    batch_docs: int = 512
+    """Documents per tokenization batch."""
+    tokenizer_sample_bytes: int = 20_000_000
+    """train:VOCAB trains on about this many bytes of text, taken from the start of each input file in turn."""
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise ValueError(f"pool build: seq_len must be at least 2, got {self.seq_len}")
+        if self.min_tokens < 1:
+            raise ValueError(f"pool build: min_tokens must be at least 1, got {self.min_tokens}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"pool build: on_error must be raise or skip, got {self.on_error!r}")
+        for key in ("max_doc_bytes", "batch_docs", "tokenizer_sample_bytes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"pool build: {key} must be positive, got {getattr(self, key)}")
+        if self.workers < 0:
+            raise ValueError(f"pool build: workers must be >= 0, got {self.workers}")
+
+
+# -----------------------------------------------------------------------------
+# Bad input: raise or count
+
+
+class Errors:
+    """One place that decides what a bad document does: raise a ValueError, or count it by reason.
+
+    Also counts metadata keys met in JSONL rows but not kept as columns (they were absent from the pre-scan)."""
+
+    def __init__(self, on_error: str = "raise"):
+        self.on_error = on_error
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.unkept_keys: Counter = Counter()
+
+    def bad(self, reason: str, where: str, detail: str, fix: str) -> None:
+        if self.on_error == "raise":
+            raise ValueError(f"{where}: {detail}. {fix}, or use --on-error skip to skip and count such documents")
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < MAX_EXAMPLES_PER_REASON:
+            self.examples[reason].append(where)
+
+
+def check_text(text: Any, where: str, field: str, max_bytes: int, errors: Errors) -> bool:
+    """True if `text` is a usable document; otherwise report it (raise or count) and return False."""
+    if not isinstance(text, str):
+        what = "null" if text is None else type(text).__name__
+        errors.bad("text_not_string", where, f"field {field!r} is {what}, not a string", "fix the input")
+        return False
+    if not text.strip():
+        errors.bad("empty_document", where, "empty document", "remove it from the input")
+        return False
+    if "\x00" in text:
+        errors.bad("nul_bytes", where, "document contains NUL bytes", "strip them (e.g. tr -d '\\000')")
+        return False
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:  # a lone surrogate from a JSON escape such as "\ud800"
+        errors.bad("invalid_utf8", where, f"invalid Unicode (lone surrogate) at character {e.start}", "fix the text")
+        return False
+    if size > max_bytes:
+        detail = f"document of {size:,} bytes exceeds max_doc_bytes={max_bytes:,}"
+        errors.bad("doc_too_large", where, detail, f"raise it (--set max_doc_bytes={2 * size}) to keep it")
+        return False
+    return True
+
+
+def _row_doc(row: dict, text_field: str, default_source: str, doc_id: str, keep: frozenset) -> tuple[str, dict]:
+    """(doc_id, meta) from one input row: its `doc_id`/`source` if present, plus the kept scalar columns."""
+    source = row.get("source")
+    meta = {"source": source if isinstance(source, str) and source else default_source}
+    for k in keep:
+        v = row.get(k)
+        meta[k] = None if v is None else v if isinstance(v, str) else json.dumps(v)
+    rid = row.get("doc_id")
+    return (str(rid) if rid is not None and rid != "" else doc_id), meta
+
+
+# -----------------------------------------------------------------------------
+# Readers: each yields (text, doc_id, meta, where) and reports bad documents to `errors`
+
+
+class Cursor:
+    """How far reading has got, in bytes on disk: `base` (files before this one) + the current reader's `pos()`.
+    Drives the progress bar's ETA."""
+
+    def __init__(self):
+        self.base = 0
+        self.pos = lambda: 0
+
+    def bytes_read(self) -> int:
+        return self.base + self.pos()
+
+
+def _open_raw(path: Path, cursor: Cursor):
+    """Binary line-readable handle for .jsonl / .jsonl.gz / .jsonl.zst; the cursor tracks the on-disk position."""
+    fh = open(path, "rb")
+    cursor.pos = fh.tell
+    if path.suffix == ".gz":
+        return gzip.GzipFile(fileobj=fh, mode="rb"), fh
+    if path.suffix == ".zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, closefd=False)), fh
+    return fh, fh
+
+
+def read_jsonl(path: Path, cfg: PoolBuildConfig, errors: Errors, source: str, keep=frozenset(), cursor=None):
+    """One JSON object per line; a line longer than the size limit is skipped over without being held in memory."""
+    cursor = cursor or Cursor()
+    known = keep | {cfg.text_field, "source", "doc_id"}
+    limit = 6 * cfg.max_doc_bytes + 65_536  # JSON escapes (\uXXXX) take up to 6 bytes per text byte
+    f, raw = _open_raw(path, cursor)
+    with raw, f:
+        lineno = 0
+        while line := f.readline(limit):
+            lineno += 1
+            where = f"{path}:{lineno}"
+            if len(line) >= limit and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass  # drain the rest of the oversized line in 1 MB pieces
+                errors.bad(
+                    "doc_too_large",
+                    where,
+                    f"line longer than {limit:,} bytes (max_doc_bytes={cfg.max_doc_bytes:,})",
+                    f"raise max_doc_bytes (--set max_doc_bytes={4 * cfg.max_doc_bytes}) to keep such documents",
+                )
+                continue
+            if not line.strip():
+                continue  # a blank line holds no document
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                errors.bad("invalid_utf8", where, f"invalid UTF-8 at byte {e.start}", "re-encode the file as UTF-8")
+                continue
+            except json.JSONDecodeError as e:
+                errors.bad("malformed_json", where, f"not valid JSON ({e.msg} at column {e.colno})", "fix the line")
+                continue
+            if not isinstance(row, dict):
+                detail = f"expected a JSON object, got {type(row).__name__}"
+                errors.bad("malformed_json", where, detail, "write one object per line")
+                continue
+            if cfg.text_field not in row:
+                keys = ", ".join(sorted(row)[:10])
+                detail = f"no {cfg.text_field!r} field (keys: {keys})"
+                errors.bad("missing_text_field", where, detail, "name the text field with --text-field")
+                continue
+            text = row[cfg.text_field]
+            if check_text(text, where, cfg.text_field, cfg.max_doc_bytes, errors):
+                if row.keys() - known:
+                    errors.unkept_keys.update(row.keys() - known)
+                doc_id, meta = _row_doc(row, cfg.text_field, source, f"{path.name}:{lineno}", keep)
+                yield text, doc_id, meta, where
+
+
+def _read_batches(batches, path: Path, cfg: PoolBuildConfig, errors: Errors, source: str, keep, schema):
+    """Rows of Arrow record batches (Parquet or a datasets directory) as documents; rows numbered from 0."""
+    if cfg.text_field not in schema.names:
+        raise ValueError(
+            f"{path}: no column {cfg.text_field!r} (columns: {', '.join(schema.names)}); "
+            "name the text column with --text-field"
+        )
+    wanted = keep | {cfg.text_field, "source", "doc_id"}
+    row0 = 0
+    for batch in batches:
+        columns = {name: batch.column(name).to_pylist() for name in batch.schema.names if name in wanted}
+        texts = columns[cfg.text_field]
+        for i, text in enumerate(texts):
+            where = f"{path}: row {row0 + i}"
+            if text is None:
+                errors.bad("missing_text_field", where, f"{cfg.text_field!r} is null", "fill or drop the row")
+                continue
+            if check_text(text, where, cfg.text_field, cfg.max_doc_bytes, errors):
+                row = {name: col[i] for name, col in columns.items()}
+                doc_id, meta = _row_doc(row, cfg.text_field, source, f"{path.name}:{row0 + i}", keep)
+                yield text, doc_id, meta, where
+        row0 += batch.num_rows
+
+
+def read_parquet(path: Path, cfg: PoolBuildConfig, errors: Errors, source: str, keep=frozenset(), cursor=None):
+    """A Parquet file, one row group at a time."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    size, groups = path.stat().st_size, max(pf.num_row_groups, 1)
+    done = [0]
+    if cursor is not None:
+        cursor.pos = lambda: size * done[0] // groups
+
+    def batches():
+        for g in range(pf.num_row_groups):
+            yield from pf.iter_batches(batch_size=4096, row_groups=[g])
+            done[0] = g + 1
+
+    yield from _read_batches(batches(), path, cfg, errors, source, keep, pf.schema_arrow)
+
+
+def arrow_files(directory: Path) -> list[Path]:
+    """The Arrow stream files of a `datasets` save_to_disk directory (a Dataset, or every split of a DatasetDict)."""
+    if (directory / "dataset_dict.json").exists():
+        splits = json.loads((directory / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        return [f for s in splits for f in arrow_files(directory / s)]
+    state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+    return [directory / f["filename"] for f in state["_data_files"]]
+
+
+def read_arrow(path: Path, cfg: PoolBuildConfig, errors: Errors, source: str, keep=frozenset(), cursor=None):
+    """One Arrow stream file as written by `datasets` (memory-mapped, one record batch at a time)."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as mm:
+        reader = pa.ipc.open_stream(mm)
+        if cursor is not None:
+            cursor.pos = mm.tell
+        yield from _read_batches(reader, path, cfg, errors, source, keep, reader.schema)
+
+
+def read_txt(path: Path, cfg: PoolBuildConfig, errors: Errors, source: str, keep=frozenset(), cursor=None):
+    """One document per file; its size is checked before it is read."""
+    where = str(path)
+    size = path.stat().st_size
+    if cursor is not None:
+        cursor.pos = lambda: 0
+    if size > cfg.max_doc_bytes:
+        detail = f"document of {size:,} bytes exceeds max_doc_bytes={cfg.max_doc_bytes:,}"
+        errors.bad("doc_too_large", where, detail, f"raise it (--set max_doc_bytes={2 * size}) to keep it")
+        return
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        errors.bad("invalid_utf8", where, f"invalid UTF-8 at byte {e.start}", "re-encode the file as UTF-8")
+        return
+    if check_text(text, where, "(file)", cfg.max_doc_bytes, errors):
+        yield text, path.name, {"source": source}, where
+
+
+def input_kind(path: Path) -> str | None:
+    """'jsonl' | 'parquet' | 'arrow' | 'txt' for a file, or None for a file we do not read."""
+    name = path.name.lower()
+    for c in ("",) + COMPRESSED:
+        if any(name.endswith(s + c) for s in JSONL_SUFFIXES):
+            return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".txt"):
+        return "txt"
+    return None
+
+
+READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "arrow": read_arrow, "txt": read_txt}
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[Path, str, str]]:
+    """INPUT... -> sorted (file, kind, source) triples. Source default: the file stem, or the directory's name."""
+    files = []
+    for spec in inputs:
+        matches = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
+        if not matches:
+            raise FileNotFoundError(f"input {spec!r} matches no file")
+        for m in map(Path, matches):
+            if not m.exists():
+                raise FileNotFoundError(f"input {m} does not exist")
+            if m.is_dir() and ((m / "state.json").exists() or (m / "dataset_dict.json").exists()):
+                files += [(f, "arrow", m.name) for f in arrow_files(m)]
+            elif m.is_dir():
+                found = [(f, input_kind(f), m.name) for f in sorted(m.rglob("*")) if f.is_file()]
+                found = [t for t in found if t[1] and not any(p.startswith(".") for p in t[0].relative_to(m).parts)]
+                if not found:
+                    raise FileNotFoundError(f"input directory {m} holds no .jsonl(.gz/.zst), .parquet or .txt file")
+                files += found
+            elif input_kind(m) is None:
+                raise ValueError(
+                    f"input {m}: unknown file type; expected .jsonl/.ndjson/.json (optionally .gz/.zst), .parquet, "
+                    ".txt, or a directory"
+                )
+            else:
+                files.append((m, input_kind(m), _stem(m)))
+    return files
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in COMPRESSED + JSONL_SUFFIXES + (".parquet", ".txt"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name
+
+
+def scan_meta_columns(files: list[tuple[Path, str, str]], text_field: str) -> list[str]:
+    """Names of scalar columns to keep as metadata: from the schema (Parquet/Arrow) or the first lines (JSONL)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names: dict[str, None] = {}
+    for path, kind, _ in files:
+        if kind == "parquet":
+            schema = pq.read_schema(path)
+        elif kind == "arrow":
+            with pa.memory_map(str(path)) as mm:
+                schema = pa.ipc.open_stream(mm).schema
+        elif kind == "jsonl":
+            cursor = Cursor()
+            f, raw = _open_raw(path, cursor)
+            with raw, f:
+                for _, line in zip(range(META_SCAN_LINES), f):
+                    try:
+                        row = json.loads(line)
+                    except (ValueError, UnicodeDecodeError):
+                        continue
+                    if isinstance(row, dict):
+                        names.update((k, None) for k, v in row.items() if isinstance(v, (str, int, float, bool)))
+            continue
+        else:
+            continue
+        scalar = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating)
+        names.update((f.name, None) for f in schema if any(t(f.type) for t in scalar + (pa.types.is_boolean,)))
+    return sorted(n for n in names if n != text_field and n not in RESERVED)
+
+
+def iter_documents(files, cfg: PoolBuildConfig, errors: Errors, keep=frozenset(), cursor=None) -> Iterator[Doc]:
+    """Every usable document of every file, in order."""
+    cursor = cursor or Cursor()
+    for path, kind, source in files:
+        yield from READERS[kind](path, cfg, errors, source, keep, cursor)
+        cursor.base += path.stat().st_size
+        cursor.pos = lambda: 0  # the reader has closed its file
+
+
+def tokenizer_sample(files, cfg: PoolBuildConfig) -> Iterator[str]:
+    """About tokenizer_sample_bytes of text: the first documents of each file, the budget shared among the files
+    still to read. Bad documents follow on_error (raise here already, or are skipped without being counted)."""
+    remaining = cfg.tokenizer_sample_bytes
+    for i, f in enumerate(files):
+        budget = remaining // (len(files) - i)
+        for text, *_ in iter_documents([f], cfg, Errors(cfg.on_error)):
+            if budget <= 0:
+                break
+            n = len(text.encode("utf-8"))
+            budget -= n
+            remaining -= n
+            yield text
+
+
+# -----------------------------------------------------------------------------
+# Tokenization in worker processes
+
+_WORKER_TOKENIZER = None
+
+
+def _load(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.encode_special_tokens = True  # "<|endoftext|>" typed in a document is text, not EOS
+    return tok
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOKENIZER
+    from dsdm.tokenizer import single_threaded
+
+    single_threaded()  # one thread per worker process: the processes are the parallelism
+    _WORKER_TOKENIZER = _load(tokenizer_json)
+
+
+def encode_texts(texts: list[str], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of each text, concatenated: (ids (sum n_i,) uint32, lengths (B,) int64). No special tokens added."""
+    tok = tokenizer or _WORKER_TOKENIZER
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.concatenate([np.asarray(e.ids, dtype=np.uint32) for e in encodings] or [np.zeros(0, np.uint32)])
+    return ids, lengths
+
+
+def resolve_workers(workers: int) -> int:
+    return workers if workers > 0 else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def tokenized_batches(batches: Iterator[list[Doc]], tokenizer_json: str, workers: int):
+    """Yield (docs, ids, lengths) per batch, in input order, with at most 2 * workers batches in flight."""
+    if workers <= 1:
+        tok = _load(tokenizer_json)  # in this process (tokenizers may still use its own threads)
+        for docs in batches:
+            yield (docs, *encode_texts([d[0] for d in docs], tok))
+        return
+    # fork where there is one: spawn would re-run an unguarded calling script in every worker. The children only
+    # run tokenizers, single-threaded (it detects the fork and does not reuse the parent's thread pool).
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
+        pending: deque = deque()
+        for docs in batches:
+            pending.append((docs, pool.apply_async(encode_texts, ([d[0] for d in docs],))))
+            if len(pending) >= 2 * workers:
+                docs0, result = pending.popleft()
+                yield (docs0, *result.get())
+        while pending:
+            docs0, result = pending.popleft()
+            yield (docs0, *result.get())
+
+
+def batched(docs: Iterator[Doc], n: int) -> Iterator[list[Doc]]:
+    batch = []
+    for d in docs:
+        batch.append(d)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# -----------------------------------------------------------------------------
+# Packing
+
+
+class Packer:
+    """Documents (each followed by EOS) -> seq_len-token examples, written as soon as they are full."""
+
+    def __init__(self, writer, seq_len: int, eos_id: int):
+        self.writer, self.seq_len, self.eos = writer, seq_len, np.array([eos_id], dtype=np.uint32)
+        self.pieces: deque = deque()  # [tokens, doc_index, doc_id, meta] not yet written
+        self.buffered = 0
+        self.docs_seen = 0
+
+    def add(self, ids: np.ndarray, doc_id: str, meta: dict) -> None:
+        tokens = np.concatenate([ids, self.eos])
+        self.pieces.append([tokens, self.docs_seen, doc_id, meta])
+        self.docs_seen += 1
+        self.buffered += tokens.shape[0]
+        while self.buffered >= self.seq_len:
+            self._emit()
+
+    def _emit(self) -> None:
+        need, parts = self.seq_len, []
+        by_doc: Counter = Counter()  # doc index -> tokens in this example
+        by_source: Counter = Counter()
+        info = {}
+        while need:
+            piece = self.pieces[0]
+            take = piece[0][:need]
+            parts.append(take)
+            by_doc[piece[1]] += take.shape[0]
+            by_source[piece[3]["source"]] += take.shape[0]
+            info[piece[1]] = piece
+            if piece[0].shape[0] > need:
+                piece[0] = piece[0][need:]
+            else:
+                self.pieces.popleft()
+            need -= take.shape[0]
+        self.buffered -= self.seq_len
+        # most tokens wins; ties go to the earliest (Counter.most_common keeps insertion order among equals)
+        doc = info[by_doc.most_common(1)[0][0]]
+        meta = {**doc[3], "source": by_source.most_common(1)[0][0]}
+        self.writer.add(np.concatenate(parts), doc_id=doc[2], **meta)
+
+    def remainder(self) -> int:
+        """Tokens left over (< seq_len) at the end; they are dropped."""
+        return self.buffered
+
+
+# -----------------------------------------------------------------------------
+# IO: the build
+
+
+def input_fingerprints(files) -> list[dict]:
+    from dsdm.io import sha256_file
+
+    return [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p, _, _ in files]
+
+
+def build_pool(inputs: list[str], out_dir: str | Path, cfg: PoolBuildConfig, force: bool = False) -> Path:
+    """Tokenize `inputs` into a pool directory (layout: dsdm.pool). Returns out_dir.
+
+    Re-running with the same inputs (by sha256) and config does nothing; a different config is refused unless
+    `force`. The store is byte-identical for identical inputs and config, whatever `workers` is.
+    """
+    import pyarrow as pa
+
+    from dsdm import __version__
+    from dsdm.config import save_config, to_dict
+    from dsdm.io import clear_done, is_done
+    from dsdm.pool import PoolWriter
+    from dsdm.tokenizer import eos_token, load_tokenizer, save_tokenizer
+
+    started = time.time()
+    out = Path(out_dir)
+    files = expand_inputs(list(inputs))
+    fingerprints = input_fingerprints(files)
+    # the store does not depend on how the work is spread, so those knobs are left out of the cache key
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "batch_docs")}
+    done_config = {"pool_build": settings, "inputs": fingerprints}
+    if is_done(out, done_config, force):
+        log(f"{out} is already built from these inputs with this config; nothing to do")
+        return out
+    clear_done(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    log(
+        f"pool build: {len(files)} input file(s), tokenizer {cfg.tokenizer}, seq_len {cfg.seq_len}, "
+        f"{'pack' if cfg.pack else 'one example per document'}, on_error={cfg.on_error}"
+    )
+
+    tok = load_tokenizer(cfg.tokenizer, tokenizer_sample(files, cfg))
+    eos = eos_token(tok, cfg.tokenizer)
+    eos_id = tok.token_to_id(eos)
+    tok_path = out / ".tokenizer.json"
+    save_tokenizer(tok, tok_path)
+    keep = scan_meta_columns(files, cfg.text_field)
+    writer = PoolWriter(out, tok.get_vocab_size(with_added_tokens=True), {k: pa.string() for k in keep})
+    errors = Errors(cfg.on_error)
+    try:
+        stats = ingest(files, cfg, writer, errors, frozenset(keep), eos_id, tok_path.read_text(encoding="utf-8"))
+    except BaseException:
+        shutil.rmtree(writer.build_dir, ignore_errors=True)  # leave no half-built store behind
+        tok_path.unlink(missing_ok=True)
+        raise
+    if writer.num_examples == 0:
+        raise ValueError(
+            f"pool build: no examples from {', '.join(inputs)} ({stats['docs']['kept']} usable documents, "
+            f"{stats['tail_tokens_dropped']} tokens < seq_len={cfg.seq_len}); lower --seq-len or use --no-pack"
+        )
+    if errors.counts:
+        log("skipped documents: " + ", ".join(f"{r}={n}" for r, n in sorted(errors.counts.items())))
+    manifest = {
+        "seq_len": cfg.seq_len,
+        "mode": "pack" if cfg.pack else "document",
+        "eos_id": eos_id,
+        "eos_token": eos,
+        "tokenizer": cfg.tokenizer,
+        "text_field": cfg.text_field,
+        "meta_columns": keep,
+        **stats,
+        "skipped": dict(sorted(errors.counts.items())),
+        "skipped_examples": dict(sorted(errors.examples.items())),
+        "inputs": fingerprints,
+        "build_config": settings,
+        "dsdm_version": __version__,
+    }
+    writer.close(manifest, done_config, tokenizer_json=tok_path, started=started)
+    tok_path.unlink()
+    log(f"wrote {out}: {writer.num_examples:,} examples, {writer.num_tokens:,} tokens in {time.time() - started:.1f}s")
+    return out
+
+
+def ingest(files, cfg, writer, errors, keep, eos_id, tokenizer_json) -> dict:
+    """Read, tokenize and write every document; returns the counts stored in pool.json."""
+    total_bytes = sum(p.stat().st_size for p, _, _ in files)
+    cursor = Cursor()
+    packer = Packer(writer, cfg.seq_len, eos_id) if cfg.pack else None
+    docs = {"read": 0, "kept": 0, "too_short": 0, "truncated": 0}
+    sources: dict[str, dict[str, int]] = {}
+    doc_tokens = 0
+    bar = progress(total=total_bytes, desc="pool build", unit="B")
+    t0 = time.time()
+    batches = batched(iter_documents(files, cfg, errors, keep, cursor), cfg.batch_docs)
+    for batch, ids, lengths in tokenized_batches(batches, tokenizer_json, resolve_workers(cfg.workers)):
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        for (text, doc_id, meta, where), a, b in zip(batch, starts[:-1], starts[1:]):
+            docs["read"] += 1
+            n = int(b - a)
+            if n < cfg.min_tokens:
+                docs["too_short"] += 1
+                continue
+            docs["kept"] += 1
+            doc_tokens += n
+            s = sources.setdefault(meta["source"], {"docs": 0, "tokens": 0})
+            s["docs"] += 1
+            s["tokens"] += n
+            if packer is not None:
+                packer.add(ids[a:b], doc_id, meta)
+            else:
+                tokens = np.append(ids[a:b], np.uint32(eos_id))[: cfg.seq_len]
+                docs["truncated"] += n + 1 > cfg.seq_len
+                writer.add(tokens, doc_id=doc_id, **meta)
+        bar.n = min(total_bytes, cursor.bytes_read())
+        dt = max(time.time() - t0, 1e-9)
+        bar.set_postfix_str(f"{docs['read'] / dt:,.0f} docs/s, {doc_tokens / dt:,.0f} tok/s", refresh=False)
+        bar.update(0)
+    bar.n = total_bytes
+    bar.close()
+    dt = max(time.time() - t0, 1e-9)
+    log(
+        f"{docs['read']:,} documents, {doc_tokens:,} tokens: {docs['read'] / dt:,.0f} docs/s, {doc_tokens / dt:,.0f} "
+        "tokens/s"
+    )
+    return {
+        "docs": docs,
+        "doc_tokens": doc_tokens,
+        "tail_tokens_dropped": packer.remainder() if packer is not None else 0,
+        "sources": dict(sorted(sources.items())),
+        "meta_keys_not_kept": dict(sorted(errors.unkept_keys.items())),
+    }
