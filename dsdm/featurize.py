@@ -39,11 +39,43 @@ from torch.func import functional_call, grad, vmap
 # Output function (method.md §3.2, §3.3)
 
 
-def margins_and_probs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class _Margin(torch.autograd.Function):
+    """m = logit_y - logsumexp_{v != y} logit_v over the last dim, with the backward written out.
+
+    Forward: the same ops as the plain autograd version. Backward: bitwise the gradient autograd builds (its gather and
+    scatter branches add exact zeros), in 3 passes over (B, T, V) instead of ~9 (no zero-filled gather/scatter
+    gradients to allocate and sum). Plain autograd only: it has no torch.func (vmap) rule, so the dense projector
+    keeps the plain version.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target):  # logits (..., V) float, target (..., 1) int64
+        correct = logits.gather(-1, target).squeeze(-1)
+        others = logits.scatter(-1, target, float("-inf"))
+        lse = others.logsumexp(-1)
+        ctx.save_for_backward(others, lse, target)
+        return correct - lse
+
+    @staticmethod
+    def backward(ctx, gm):
+        others, lse, target = ctx.saved_tensors
+        g = (others - lse.unsqueeze(-1)).exp_().mul_((-gm).unsqueeze(-1))  # logsumexp's backward; 0 at the target
+        return g.scatter_(-1, target, gm.unsqueeze(-1)), None  # gather's backward: gm at the target
+
+
+def margins_and_probs(
+    logits: torch.Tensor, tokens: torch.Tensor, fast_backward: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position margin m_t = logit_y - logsumexp_{v != y} logit_v and p_t, predicting tokens[:, 1:].
 
     logits (B, T, V) from tokens (B, T) -> margins (B, T-1), probs (B, T-1), float32. Never through log(1 - p).
+    fast_backward: same numbers, cheaper backward (_Margin; not under torch.func transforms). It also scores the last
+    position (against a dummy target) and drops it afterwards, so no (B, T-1, V) slice needs a zero-filled gradient.
     """
+    if fast_backward:
+        target = torch.cat([tokens[:, 1:], tokens[:, :1]], 1)[..., None]  # (B, T, 1); the last one is a dummy
+        margin = _Margin.apply(logits.float(), target)[:, :-1]  # (B, T-1)
+        return margin, torch.sigmoid(margin)
     logits = logits[:, :-1].float()  # (B, T-1, V)
     target = tokens[:, 1:, None]  # (B, T-1, 1)
     correct = logits.gather(-1, target).squeeze(-1)  # (B, T-1)
@@ -53,12 +85,14 @@ def margins_and_probs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch
     return margin, prob
 
 
-def output_and_q(logits: torch.Tensor, tokens: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def output_and_q(
+    logits: torch.Tensor, tokens: torch.Tensor, score: torch.Tensor, fast_backward: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """f = mean margin and Q = mean (1 - p) over scored positions. score (B, T) bool marks scored TOKENS (t >= 1).
 
-    Returns f (B,) (differentiable) and Q (B,) (detached).
+    Returns f (B,) (differentiable) and Q (B,) (detached). fast_backward: see margins_and_probs.
     """
-    margin, prob = margins_and_probs(logits, tokens)
+    margin, prob = margins_and_probs(logits, tokens, fast_backward)
     w = score[:, 1:].to(margin.dtype)  # token t is predicted at position t-1
     n = w.sum(1).clamp_min(1.0)
     f = (margin * w).sum(1) / n
@@ -226,7 +260,7 @@ class FactorizedSketch:
         try:
             with torch.enable_grad():
                 logits = self.model(tokens)
-                f, q = output_and_q(logits, tokens, score)
+                f, q = output_and_q(logits, tokens, score, fast_backward=True)
                 f.sum().backward()
         finally:
             for h in handles:
