@@ -40,7 +40,7 @@ class TrainConfig:
     tokens: int = 0
     """Token budget (examples x seq_len). 0 = use `steps`."""
     steps: int = 0
-    """Optimizer steps, used when tokens = 0. One of tokens / steps must be set."""
+    """Optimizer steps, used when tokens = 0. Both 0 = one epoch over the given indices (how proxies train)."""
     batch_size: int = 16
     """Examples per step."""
     lr: float = 3e-3
@@ -76,13 +76,14 @@ class TrainConfig:
             raise ValueError("warmup_fraction must be in [0, 1) and final_lr_fraction in [0, 1]")
 
 
-def num_steps(cfg: TrainConfig, seq_len: int) -> int:
-    """Optimizer steps for the budget: ceil(tokens / (batch_size x seq_len)), or cfg.steps."""
+def num_steps(cfg: TrainConfig, seq_len: int, num_indices: int) -> int:
+    """Optimizer steps for the budget: ceil(tokens / (batch_size x seq_len)), else cfg.steps, else one epoch over
+    the num_indices selected examples, ceil(num_indices / batch_size)."""
     if cfg.tokens:
         return max(1, math.ceil(cfg.tokens / (cfg.batch_size * seq_len)))
     if cfg.steps:
         return cfg.steps
-    raise ValueError("set a training budget: train.tokens (tokens) or train.steps (optimizer steps)")
+    return max(1, math.ceil(num_indices / cfg.batch_size))
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -184,7 +185,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
         clear_done(out_dir)
     device, dev_why = resolve_device(cfg.device)
     dtype, dtype_why = resolve_dtype(cfg.dtype, device)
-    total = num_steps(cfg, pool.seq_len)
+    total = num_steps(cfg, pool.seq_len, indices.size)
     every = cfg.checkpoint_every or max(1, math.ceil(total / 10))
     started = time.time()
 

@@ -156,7 +156,8 @@ def test_finished_run_is_skipped_and_changed_config_refused(tmp_path):
 
 def test_budget_schedule_and_epoch_order():
     cfg = TrainConfig(tokens=1000, batch_size=4, lr=1.0, warmup_fraction=0.1, final_lr_fraction=0.1)
-    assert num_steps(cfg, seq_len=16) == math.ceil(1000 / 64)
+    assert num_steps(cfg, seq_len=16, num_indices=10) == math.ceil(1000 / 64)
+    assert num_steps(TrainConfig(batch_size=4), seq_len=16, num_indices=10) == 3  # one epoch
     total = 100
     lrs = [lr_at(s, total, TrainConfig(lr=1.0, warmup_fraction=0.1, final_lr_fraction=0.1)) for s in range(total)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
