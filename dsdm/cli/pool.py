@@ -72,11 +72,11 @@ def build(args) -> int:
 
 
 def length_histogram(lengths, bins: int = 8) -> list[tuple[int, int, int]]:
-    """(low, high, count) over equal-width length bins from 1 to the longest example."""
+    """(low, high, count) over equal-width length bins from the shortest to the longest example."""
     import numpy as np
 
-    top = int(lengths.max()) if lengths.size else 1
-    edges = np.unique(np.linspace(1, top + 1, bins + 1).astype(np.int64))
+    lo, hi = (int(lengths.min()), int(lengths.max())) if lengths.size else (0, 0)
+    edges = np.unique(np.linspace(lo, hi + 1, bins + 1).astype(np.int64))
     counts, _ = np.histogram(lengths, bins=edges)
     return [(int(lo), int(hi) - 1, int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
 
