@@ -199,8 +199,13 @@ class PoolWriter:
             self._meta_writer.write_table(pa.table(self._meta_rows, schema=self.schema))
             self._meta_rows = {name: [] for name in self.schema.names}
 
-    def close(self, manifest: dict[str, Any], config: dict[str, Any], tokenizer_json: str | Path | None = None,
-              started: float | None = None) -> Path:
+    def close(
+        self,
+        manifest: dict[str, Any],
+        config: dict[str, Any],
+        tokenizer_json: str | Path | None = None,
+        started: float | None = None,
+    ) -> Path:
         """Finish every file, write pool.json, move files into out_dir, then write _done.json. Returns out_dir."""
         self._flush_meta()
         self._meta_writer.close()
