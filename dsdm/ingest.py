@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import io
 import json
 import multiprocessing
@@ -76,6 +77,9 @@ class PoolBuildConfig:
     """Documents per tokenization batch."""
     tokenizer_sample_bytes: int = 20_000_000
     """train:VOCAB trains on about this many bytes of text, taken from the start of each input file in turn."""
+    sample_fraction: float = 1.0
+    """Keep each document with this probability, decided by a hash of its text (streaming, deterministic, the same
+    documents whatever the file order); the rest are counted as sampled_out. For a smaller pool from big inputs."""
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -89,6 +93,8 @@ class PoolBuildConfig:
                 raise ValueError(f"pool build: {key} must be positive, got {getattr(self, key)}")
         if self.workers < 0:
             raise ValueError(f"pool build: workers must be >= 0, got {self.workers}")
+        if not 0 < self.sample_fraction <= 1:
+            raise ValueError(f"pool build: sample_fraction must be in (0, 1], got {self.sample_fraction}")
 
 
 # -----------------------------------------------------------------------------
@@ -475,6 +481,21 @@ def tokenized_batches(batches: Iterator[list[Doc]], tokenizer_json: str, workers
             yield (docs0, *result.get())
 
 
+def text_unit_hash(text: str) -> float:
+    """A uniform number in [0, 1) from the document's text (blake2b): the sampling coin of sample_fraction."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def sampled(docs: Iterator[Doc], fraction: float, counts: dict) -> Iterator[Doc]:
+    """Documents whose text hash is < fraction; counts["sampled_out"] counts the others."""
+    for d in docs:
+        if fraction >= 1.0 or text_unit_hash(d[0]) < fraction:
+            yield d
+        else:
+            counts["sampled_out"] += 1
+
+
 def batched(docs: Iterator[Doc], n: int) -> Iterator[list[Doc]]:
     batch = []
     for d in docs:
@@ -624,12 +645,14 @@ def ingest(files, cfg, writer, errors, keep, eos_id, tokenizer_json) -> dict:
     total_bytes = sum(p.stat().st_size for p, _, _ in files)
     cursor = Cursor()
     packer = Packer(writer, cfg.seq_len, eos_id) if cfg.pack else None
-    docs = {"read": 0, "kept": 0, "too_short": 0, "truncated": 0}
+    docs = {"read": 0, "kept": 0, "too_short": 0, "truncated": 0, "sampled_out": 0}
     sources: dict[str, dict[str, int]] = {}
     doc_tokens = 0
     bar = progress(total=total_bytes, desc="pool build", unit="B")
     t0 = time.time()
-    batches = batched(iter_documents(files, cfg, errors, keep, cursor), cfg.batch_docs)
+    batches = batched(
+        sampled(iter_documents(files, cfg, errors, keep, cursor), cfg.sample_fraction, docs), cfg.batch_docs
+    )
     for batch, ids, lengths in tokenized_batches(batches, tokenizer_json, resolve_workers(cfg.workers)):
         starts = np.concatenate([[0], np.cumsum(lengths)])
         for (text, doc_id, meta, where), a, b in zip(batch, starts[:-1], starts[1:]):

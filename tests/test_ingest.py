@@ -46,7 +46,7 @@ def test_decode_round_trip_per_document(tmp_path):
     meta = pool.meta.to_pydict()
     assert meta["source"] == ["web"] * 20 and meta["lang"] == ["en"] * 20
     assert meta["doc_id"][:2] == ["docs.jsonl:1", "docs.jsonl:2"]
-    assert pool.manifest["docs"] == {"read": 20, "kept": 20, "too_short": 0, "truncated": 0}
+    assert pool.manifest["docs"] == {"read": 20, "kept": 20, "too_short": 0, "truncated": 0, "sampled_out": 0}
 
 
 def test_packing_arithmetic(tmp_path):
@@ -71,7 +71,7 @@ def test_document_mode_truncates_and_min_tokens_drops(tmp_path):
     rows = [{"text": "cat"}, {"text": " ".join(WORDS * 4)}, {"text": "the cat sat on a mat"}]
     src = _jsonl(tmp_path / "d.jsonl", rows)
     pool = Pool(build_pool([str(src)], tmp_path / "pool", _cfg(pack=False, seq_len=8, min_tokens=2)))
-    assert pool.manifest["docs"] == {"read": 3, "kept": 2, "too_short": 1, "truncated": 1}
+    assert pool.manifest["docs"] == {"read": 3, "kept": 2, "too_short": 1, "truncated": 1, "sampled_out": 0}
     assert pool.lengths.tolist()[0] == 8 and pool[1][-1] == pool.eos_id
 
 
@@ -200,3 +200,18 @@ def test_cli_pool_build_and_info(tmp_path, capsys):
     bad = _jsonl(tmp_path / "bad.jsonl", ["{oops"])
     assert main(["pool", "build", str(bad), "--out", str(tmp_path / "p2"), "--tokenizer", "train:300"]) == 1
     assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_sample_fraction_keeps_the_hashed_half_deterministically(tmp_path):
+    from dsdm.ingest import text_unit_hash
+
+    texts = _texts(200, seed=3)
+    _jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])
+    pool = Pool(
+        build_pool([str(tmp_path / "a.jsonl")], tmp_path / "p", _cfg(pack=False, seq_len=4096, sample_fraction=0.5))
+    )
+    expected = [t for t in texts if text_unit_hash(t) < 0.5]
+    assert 70 < len(expected) < 130
+    assert [pool.decode(i).replace(EOS_TOKEN, "") for i in range(len(pool))] == expected
+    docs = pool.manifest["docs"]
+    assert docs["sampled_out"] == 200 - len(expected) and docs["read"] == len(expected)
