@@ -40,12 +40,16 @@ def continuation_scores(
         width = int(lengths[rows].max())
         t = torch.as_tensor(tokens[rows, :width], device=device)
         s = torch.as_tensor(score[rows, 1:width], device=device)
-        logits = model(t)[:, :-1].float()  # (b, width-1, V): position i predicts token i+1
-        logp = logits.log_softmax(-1).gather(-1, t[:, 1:, None]).squeeze(-1).double()
-        hit = logits.argmax(-1) == t[:, 1:]
-        nll[rows] = (-(logp * s)).sum(1).cpu().numpy()
+        row, pos = s.nonzero(as_tuple=True)  # scored (row, position) pairs; position i predicts token i+1
+        # normalize only the scored positions: a full (b, T, V) log_softmax costs more than the model itself
+        logits = model(t)[row, pos].float()  # (m, V)
+        target = t[:, 1:][row, pos]
+        logp = logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1).double()
+        miss = (logits.argmax(-1) != target).double()
+        b = len(rows)
+        nll[rows] = torch.zeros(b, dtype=torch.float64, device=device).index_add_(0, row, -logp).cpu().numpy()
         cnt[rows] = s.sum(1).cpu().numpy()
-        ok[rows] = (hit | ~s).all(1).cpu().numpy()
+        ok[rows] = (torch.zeros(b, dtype=torch.float64, device=device).index_add_(0, row, miss) == 0).cpu().numpy()
     return nll, cnt, ok
 
 
