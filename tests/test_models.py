@@ -8,6 +8,7 @@ Run: .venv/bin/python -m pytest -q tests/test_models.py
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,3 +238,35 @@ def test_bootstrap_ci_covers_the_mean():
     x = np.random.default_rng(0).normal(2.0, 1.0, 400)
     lo, hi = bootstrap_ci(x)
     assert lo < x.mean() < hi and hi - lo == pytest.approx(2 * 1.96 / 20, rel=0.2)
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    """A real SIGKILL of a training process (checkpoint every step), then the same call resumes to equal weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pool = _pool(tmp_path / "pool")
+    cfg = dict(steps=120, checkpoint_every=1)
+    ref = train(pool, None, _cfg(**cfg), tmp_path / "ref")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from test_models import _cfg; from dsdm.pool import Pool; "
+        "from dsdm.train import train; "
+        f"train(Pool(sys.argv[2]), None, _cfg(steps={cfg['steps']}, checkpoint_every=1), sys.argv[3])"
+    )
+    run = tmp_path / "run"
+    env = {**os.environ, "DSDM_PROGRESS": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(Path(__file__).parent), str(pool.path), str(run)], env=env
+    )
+    deadline = time.time() + 120
+    while not (run / "checkpoint" / "checkpoint.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run / "_done.json").exists(), "the run ended before the kill"
+    out = train(pool, None, _cfg(**cfg), run)
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
