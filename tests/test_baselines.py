@@ -1,14 +1,16 @@
 """Baselines (dsdm/baselines): each method on a hand-computed or planted case, plus the `dsdm baseline` CLI.
 
-DSIR log-ratios on a toy corpus by hand; DSIR buckets equal data-selection's (if installed); the classifier finds
-planted target-like documents; SemDeDup removes planted near-duplicates, keeps distinct ones and handles the chain
-case; random is seeded and uniform; dsdm / dsdm-inverse are top-k / bottom-k of a score file.
+DSIR log-ratios on a toy corpus by hand; DSIR buckets equal data-selection's (if installed), words as nltk <= 3.10.2
+splits them; the classifier finds planted target-like documents; SemDeDup removes planted near-duplicates, keeps
+distinct ones and handles the chain case; random is seeded and uniform; dsdm / dsdm-inverse are top-k / bottom-k
+of a score file.
 
 Run: .venv/bin/python -m pytest -q tests/test_baselines.py
 """
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -95,6 +97,20 @@ def test_dsir_matches_data_selection_buckets():
     est = DSIR(num_buckets=997, hash="sha256")
     for t in texts:
         assert np.array_equal(est.counts([t]), ds.get_ngram_counts(t, n=2, num_buckets=997)), t
+
+
+def test_dsir_words_use_stdlib_re_as_nltk_up_to_3_10_2():
+    # nltk >= 3.10.3 runs WordPunct under the `regex` engine (combining marks are word characters there); we keep
+    # stdlib re, as DSIR and DsDm ran it (dsir.py docstring). Pin the choice on the characters where the two differ.
+    text = "Cafe\u0301 \u27a1\ufe0f ok"
+    est = DSIR(num_buckets=997, hash="sha256")
+    words = ["cafe", "\u0301", "\u27a1\ufe0f", "ok"]
+    grams = words + [" ".join(p) for p in zip(words, words[1:])]
+    expected = np.bincount([sha256_bucket(g, 997) for g in grams], minlength=997)
+    assert np.array_equal(est.counts([text]), expected)
+    ds = pytest.importorskip("data_selection.hashed_ngram_dsir")
+    stdlib_words = re.compile(r"\w+|[^\w\s]+").findall  # what nltk <= 3.10.2's WordPunctTokenizer ran
+    assert np.array_equal(expected, ds.get_ngram_counts(text, n=2, num_buckets=997, tokenizer=stdlib_words))
 
 
 def test_dsir_token_ngrams_stay_inside_examples():

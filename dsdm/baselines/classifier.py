@@ -81,8 +81,8 @@ class Classifier:
                 import fasttext  # noqa: F401
             except ImportError:
                 raise ValueError(
-                    "classifier.backend=fasttext needs the fastText package: pip install 'dsdm[fasttext]' "
-                    "(fasttext-numpy2-wheel; the plain `fasttext` wheels fail under numpy 2)"
+                    "classifier.backend=fasttext needs the fastText package: pip install fasttext-numpy2-wheel "
+                    "(the plain `fasttext` wheels fail under numpy 2)"
                 ) from None
         if self.ngram_max < 1 or self.n_features < 2 or self.C <= 0 or self.neg_per_pos < 1 or self.pareto_alpha < 0:
             raise ValueError("classifier: ngram_max >= 1, n_features >= 2, C > 0, neg_per_pos >= 1, pareto_alpha >= 0")

@@ -18,6 +18,13 @@ Two featurizers:
   features="tokens"  n-grams over the pool's token ids (no detokenizing), hashed with a splitmix64 finaliser on
                      uint64 arrays; the targets are encoded with the pool tokenizer. The fast path for tokenized pools.
 Every hash is deterministic across processes (never Python's salted hash()).
+
+Words vs the installed nltk (a deliberate choice): we run WordPunct's pattern under Python's `re`, as nltk <= 3.10.2
+does and as DSIR and DsDm ran it. nltk >= 3.10.3 compiles the same pattern with the third-party `regex` engine, whose
+\\w also matches combining marks and joiners, so "cafe\\u0301" or an emoji with a variation selector splits into other
+words there (stdlib: ['cafe', '\\u0301']; regex: ['café']). On text with such characters data-selection under a new
+nltk gives slightly other log w (benchmarks/baselines.py measures it; docs/benchmarks.md#baselines); on the rest,
+and on every text under nltk <= 3.10.2, hash="sha256" equals it to float rounding.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 
 from dsdm.select import gumbel_top_k
 
-WORDPUNCT = re.compile(r"\w+|[^\w\s]+")  # nltk.tokenize.WordPunctTokenizer's pattern
+WORDPUNCT = re.compile(r"\w+|[^\w\s]+")  # nltk's WordPunctTokenizer pattern, stdlib re as in nltk <= 3.10.2
 EPS = 1e-8  # data-selection's smoothing inside the log
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
