@@ -81,7 +81,7 @@ class Classifier:
                 import fasttext  # noqa: F401
             except ImportError:
                 raise ValueError(
-                    "classifier.backend=fasttext needs the fastText package: pip install fasttext-numpy2-wheel "
+                    "classifier.backend=fasttext needs the fastText package: pip install 'dsdm[fasttext]' "
                     "(the plain `fasttext` wheels fail under numpy 2)"
                 ) from None
         if self.ngram_max < 1 or self.n_features < 2 or self.C <= 0 or self.neg_per_pos < 1 or self.pareto_alpha < 0:
