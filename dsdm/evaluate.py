@@ -82,25 +82,15 @@ def default_bos_id(tokenizer) -> int:
     return 0
 
 
-def _encode(tokenizer, pairs, max_len: int, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    from dsdm.tasks import encode_example
-
-    enc = [encode_example(tokenizer, ex, max_len, bos_id, continuation=cont) for ex, cont in pairs]
-    width = max(ids.shape[0] for ids, _ in enc)
-    tokens = np.zeros((len(enc), width), dtype=np.int64)
-    score = np.zeros((len(enc), width), dtype=bool)
-    for i, (ids, sc) in enumerate(enc):
-        tokens[i, : ids.shape[0]], score[i, : ids.shape[0]] = ids, sc
-    return tokens, score
-
-
 def evaluate_examples(model, tokenizer, examples, device="cpu", batch_size: int = 32, bos_id: int | None = None):
     """Per-example results for a list of TaskExample. Returns a dict of (n,) arrays: loss (mean NLL per continuation
     token), correct (greedy exact match), and, where examples have choices, mc_correct (bool; False elsewhere) and
     has_choices."""
+    from dsdm.tasks import encode_examples
+
     bos_id = default_bos_id(tokenizer) if bos_id is None else bos_id
     max_len = model_max_len(model)
-    tokens, score = _encode(tokenizer, [(ex, None) for ex in examples], max_len, bos_id)
+    tokens, _, score = encode_examples(tokenizer, examples, max_len, bos_id)
     nll, cnt, ok = continuation_scores(model, tokens, score, device, batch_size)
     out = {"loss": nll / cnt, "correct": ok}
     has = np.array([ex.choices is not None for ex in examples])
@@ -111,7 +101,7 @@ def evaluate_examples(model, tokenizer, examples, device="cpu", batch_size: int 
             for c in ex.choices or ():
                 pairs.append((ex, c))
                 owner.append(i)
-        t, s = _encode(tokenizer, pairs, max_len, bos_id)
+        t, _, s = encode_examples(tokenizer, [ex for ex, _ in pairs], max_len, bos_id, [c for _, c in pairs])
         c_nll, c_cnt, _ = continuation_scores(model, t, s, device, batch_size)
         c_loss, owner = c_nll / c_cnt, np.asarray(owner)
         for i in np.flatnonzero(has):

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
 import json
 import math
 import time
@@ -266,18 +265,6 @@ def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int) -> list[Cell
 # Upstream stages, imported lazily so a missing module fails with a message naming it
 
 
-def _upstream(module: str, attr: str, what: str):
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            raise ValueError(f"{what} needs {module}.{attr}, which this dsdm checkout does not have yet") from None
-        raise
-    if not hasattr(mod, attr):
-        raise ValueError(f"{what} needs {module}.{attr}, which this dsdm checkout does not have yet")
-    return getattr(mod, attr)
-
-
 def _stage_cfg(cls, data: dict, key: str, **fixed):
     from dsdm.config import from_dict
 
@@ -332,11 +319,10 @@ class Runner:
         returns <out>/features, which dsdm.datamodel reads."""
         from dsdm.featurize import FeaturizeConfig
         from dsdm.featurize import run as featurize_run
+        from dsdm.proxies import ProxiesConfig
+        from dsdm.proxies import run as proxies_run
 
-        proxies_run = _upstream("dsdm.proxies", "run", "method dsdm")
-        proxies_cfg = _upstream("dsdm.proxies", "ProxiesConfig", "method dsdm")
-        _upstream("dsdm.model", "load_model", "method dsdm")
-        pcfg = _stage_cfg(proxies_cfg, self.cfg.proxy, "proxy")
+        pcfg = _stage_cfg(ProxiesConfig, self.cfg.proxy, "proxy")
         pdir = proxies_run(pool.path, self.out / "proxies", pcfg, force=self.force)
         fcfg = _stage_cfg(FeaturizeConfig, self.cfg.featurize, "featurize", device=self.cfg.device)
         return Path(featurize_run(pool.path, pdir, self.out / "features", fcfg, force=self.force))
@@ -345,7 +331,8 @@ class Runner:
 
     def estimator(self, name: str, target: TargetSpec | None, seed: int):
         """The dsdm.baselines object for `name` (dsdm / dsdm-inverse read this run's score file for `target`)."""
-        make = _upstream("dsdm.baselines", "make", f"method {name}")
+        from dsdm.baselines import make
+
         opts = dict(self.cfg.method_options.get(name, {}))
         if name in ("dsdm", "dsdm-inverse"):
             opts["scores"] = str(self.dsdm_scores(target))
@@ -426,12 +413,11 @@ class Runner:
     # -- evaluation models ------------------------------------------------------------------------------------------
 
     def train_and_eval(self, pool, cell: Cell, indices: np.ndarray) -> dict:
+        from dsdm.evaluate import evaluate_task
         from dsdm.io import _diff_keys, read_json, write_json
+        from dsdm.model import load_model
+        from dsdm.train import TrainConfig, train
 
-        train = _upstream("dsdm.train", "train", "training evaluation models")
-        train_cfg_cls = _upstream("dsdm.train", "TrainConfig", "training evaluation models")
-        evaluate_task = _upstream("dsdm.evaluate", "evaluate_task", "evaluation")
-        load_model = _upstream("dsdm.model", "load_model", "evaluation")
         eval_path = self.out / "eval" / f"{cell.name}.json"
         key = {**dataclasses.asdict(cell), "eval_model": self.cfg.eval_model, "eval": dataclasses.asdict(self.cfg.eval)}
         key["eval_tasks"] = self.eval_tasks()
@@ -444,17 +430,8 @@ class Runner:
                 f"{eval_path} was produced by a different configuration (changed: {changed}). "
                 "Use another output directory, or pass --force to redo it."
             )
-        names = {f.name for f in dataclasses.fields(train_cfg_cls)}
-        budget = next((n for n in ("tokens", "max_tokens", "token_budget") if n in names), None)
-        if budget is None:
-            raise ValueError("dsdm.train.TrainConfig has no token-budget field (tokens/max_tokens/token_budget)")
         tcfg = _stage_cfg(
-            train_cfg_cls,
-            self.cfg.eval_model,
-            "eval_model",
-            seed=cell.seed,
-            device=self.cfg.device,
-            **{budget: cell.tokens},
+            TrainConfig, self.cfg.eval_model, "eval_model", seed=cell.seed, device=self.cfg.device, tokens=cell.tokens
         )
         model_dir = train(pool, indices, tcfg, self.out / "models" / cell.name)
         model = load_model(model_dir).to(self.device)

@@ -159,11 +159,8 @@ def build_model(preset: str, vocab_size: int, seq_len: int, seed: int = 0, **ove
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     n_layer, n_head, d_model = PRESETS[preset]
-    cfg = GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=n_layer, n_head=n_head, d_model=d_model)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    cfg.__post_init__()
-    return init_weights(GPT(cfg), seed)
+    shape = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, **overrides}
+    return init_weights(GPT(GPTConfig(vocab_size=vocab_size, seq_len=seq_len, **shape)), seed)
 
 
 def num_params(model: nn.Module) -> int:

@@ -169,13 +169,17 @@ def encode_example(tokenizer, ex: TaskExample, max_len: int, bos_id: int, contin
     return ids, score
 
 
-def encode_examples(tokenizer, examples: list[TaskExample], max_len: int, bos_id: int):
+def encode_examples(
+    tokenizer, examples: list[TaskExample], max_len: int, bos_id: int, continuations: list[str | None] | None = None
+):
     """Batch of examples -> tokens (n, T) int64, mask (n, T) bool (real tokens), score (n, T) bool (continuation).
 
     Right-padded to the longest example. The prediction of token t is scored iff score[t] (so position 0 is never
-    scored: every example has at least one context or bos token).
+    scored: every example has at least one context or bos token). `continuations[i]`, when given and not None,
+    replaces example i's continuation (multiple-choice scoring of each choice).
     """
-    encoded = [encode_example(tokenizer, ex, max_len, bos_id) for ex in examples]
+    conts = continuations if continuations is not None else [None] * len(examples)
+    encoded = [encode_example(tokenizer, ex, max_len, bos_id, c) for ex, c in zip(examples, conts)]
     width = max(ids.shape[0] for ids, _ in encoded)
     tokens = np.zeros((len(encoded), width), dtype=np.int64)
     mask = np.zeros((len(encoded), width), dtype=bool)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,10 +266,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
     }
     write_json(out_dir / "train.json", summary)
     mark_done(out_dir, key, started=started, steps=total, final_loss=summary["final_loss"])
-    if ckpt.exists():
-        import shutil
-
-        shutil.rmtree(ckpt)
+    shutil.rmtree(ckpt, ignore_errors=True)
     return out_dir
 
 

@@ -138,8 +138,6 @@ def build_micro_data(root: Path, n_docs: int = 240, seq_len: int = 32) -> None:
 
 
 def test_runner_end_to_end_and_rerun_skips(tmp_path, capsys):
-    pytest.importorskip("dsdm.train", reason="the runner trains evaluation models with dsdm.train")
-    pytest.importorskip("dsdm.evaluate", reason="the runner evaluates with dsdm.evaluate")
     from test_report import check_report
 
     from dsdm.cli import main

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from dsdm.cli import config_from_args
+
 RAW = argparse.RawDescriptionHelpFormatter
-
-
-def _cfg(cls, args, **explicit):
-    from dsdm.cli import config_from_args
-
-    return config_from_args(cls, args, **explicit)
 
 
 def register(subparsers) -> None:
@@ -127,7 +123,7 @@ def register(subparsers) -> None:
 def _proxies(args) -> int:
     from dsdm.proxies import ProxiesConfig, run
 
-    cfg = _cfg(ProxiesConfig, args, n=args.n, fraction=args.fraction, seed=args.seed)
+    cfg = config_from_args(ProxiesConfig, args, n=args.n, fraction=args.fraction, seed=args.seed)
     print(run(args.pool, args.out, cfg, force=args.force))
     return 0
 
@@ -135,7 +131,7 @@ def _proxies(args) -> int:
 def _featurize(args) -> int:
     from dsdm.featurize import FeaturizeConfig, run
 
-    cfg = _cfg(FeaturizeConfig, args, proj_dim=args.proj_dim, projector=args.projector)
+    cfg = config_from_args(FeaturizeConfig, args, proj_dim=args.proj_dim, projector=args.projector)
     print(run(args.pool, args.proxies, args.out, cfg, force=args.force))
     return 0
 
@@ -144,7 +140,7 @@ def _score(args) -> int:
     from dsdm.common import resolve_device
     from dsdm.datamodel import ScoreConfig, run
 
-    cfg = _cfg(ScoreConfig, args)
+    cfg = config_from_args(ScoreConfig, args)
     print(run(args.features, args.target, args.out, cfg, resolve_device(args.device)[0]))
     return 0
 
@@ -160,7 +156,7 @@ def _select(args) -> int:
 def _validate(args) -> int:
     from dsdm.validate import ValidateConfig, run
 
-    cfg = _cfg(ValidateConfig, args, subsets=args.subsets, fraction=args.fraction)
+    cfg = config_from_args(ValidateConfig, args, subsets=args.subsets, fraction=args.fraction)
     rec = run(args.pool, args.features, args.target, args.out, cfg)
     print(f"LDS {rec['lds_target']:.3f} (target), {rec['lds_holdout']:.3f} (holdout); details in {args.out}/lds.json")
     if "sanity" in rec:

@@ -61,11 +61,10 @@ FLAGS = ("tokenizer", "seq_len", "pack", "min_tokens", "text_field", "on_error",
 
 
 def build(args) -> int:
-    from dsdm.config import load_config
+    from dsdm.cli import config_from_args
     from dsdm.ingest import PoolBuildConfig, build_pool
 
-    flags = [f"{k}={getattr(args, k)}" for k in FLAGS if getattr(args, k) is not None]
-    cfg = load_config(PoolBuildConfig, args.config, list(args.overrides) + flags)
+    cfg = config_from_args(PoolBuildConfig, args, **{k: getattr(args, k) for k in FLAGS})
     out = build_pool(args.inputs, args.out, cfg, force=args.force)
     print(out)
     return 0
