@@ -37,6 +37,13 @@ def lds(predictions: np.ndarray, losses: np.ndarray) -> float:
     return spearman(predictions, -np.asarray(losses))
 
 
+def lds_p_value(predictions: np.ndarray, losses: np.ndarray) -> float:
+    """Two-sided p-value of the LDS against "no rank correlation" (scipy's t approximation)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(predictions, -np.asarray(losses)).pvalue)
+
+
 def continuation_loss(model, tokens: np.ndarray, score: np.ndarray, device, batch_size: int = 32) -> np.ndarray:
     """Per-example mean NLL over scored tokens (dsdm.evaluate's metric). tokens, score: (n, T) -> (n,) float64."""
     from dsdm.evaluate import continuation_scores
@@ -58,7 +65,11 @@ class ValidateConfig:
     sanity_fraction: float = 0.1
     """k = sanity_fraction * N for the top-k / random / bottom-k check; 0 skips it."""
     seed: int = 0
-    """Seed of the subset draws, the random arm and the trainers (model j uses seed * 1000 + j)."""
+    """Seed of the subset draws, the random arm and the trainers."""
+    shared_train_seed: bool = True
+    """Train every model (LDS subsets and sanity arms) from the same seed, seed * 1000: the datamodel predicts the
+    effect of the data, so initialization noise is held fixed (datamodels papers average it out over many models
+    instead). False gives model j the seed seed * 1000 + j, as before."""
     ridge: float = 1e-2
     """Relative ridge of the datamodel (dsdm.datamodel)."""
     train: dict = field(default_factory=dict)
@@ -109,9 +120,8 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
     losses = []
     for j, s in enumerate(subsets):
         save_npy(out_dir / "subsets" / f"subset_{j}.npy", s)
-        losses.append(
-            _train_and_eval(pool, s, cfg, cfg.seed * 1000 + j, out_dir / "models" / f"lds_{j}", evals, device)
-        )
+        train_seed = cfg.seed * 1000 + (0 if cfg.shared_train_seed else j)
+        losses.append(_train_and_eval(pool, s, cfg, train_seed, out_dir / "models" / f"lds_{j}", evals, device))
         log(f"LDS subset {j + 1}/{cfg.subsets}: target loss {losses[-1]['target']:.4f}")
     pred = subset_predictions(scores, subsets)
     target_losses = np.array([r["target"] for r in losses])
@@ -119,6 +129,7 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         "task": task.name,
         "lds_target": lds(pred, target_losses),
         "lds_holdout": lds(pred, np.array([r["holdout"] for r in losses])),
+        "lds_target_p": lds_p_value(pred, target_losses),
         "predictions": pred.tolist(),
         "losses": losses,
         "config": vars(cfg),
@@ -134,7 +145,7 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         sanity = {}
         for name, idx in arms.items():
             sanity[name] = _train_and_eval(
-                pool, np.sort(idx), cfg, cfg.seed * 1000 + 999, out_dir / "models" / name, evals, device
+                pool, np.sort(idx), cfg, cfg.seed * 1000 + (0 if cfg.shared_train_seed else 999), out_dir / "models" / name, evals, device
             )
             log(f"sanity {name} (k={k}): holdout loss {sanity[name]['holdout']:.4f}")
         h = {a: sanity[a]["holdout"] for a in arms}
