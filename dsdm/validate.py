@@ -145,7 +145,13 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         sanity = {}
         for name, idx in arms.items():
             sanity[name] = _train_and_eval(
-                pool, np.sort(idx), cfg, cfg.seed * 1000 + (0 if cfg.shared_train_seed else 999), out_dir / "models" / name, evals, device
+                pool,
+                np.sort(idx),
+                cfg,
+                cfg.seed * 1000 + (0 if cfg.shared_train_seed else 999),
+                out_dir / "models" / name,
+                evals,
+                device,
             )
             log(f"sanity {name} (k={k}): holdout loss {sanity[name]['holdout']:.4f}")
         h = {a: sanity[a]["holdout"] for a in arms}
