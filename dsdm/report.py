@@ -66,15 +66,20 @@ def main_cells(rows: list[dict]) -> list[dict]:
 
 
 def seed_means(rows: list[dict], tasks: list[str]) -> dict[tuple, list[float]]:
-    """(target, method) -> per-seed mean loss over `tasks` (only seeds with every task)."""
+    """(target, method) -> per-seed mean loss over `tasks` (only seeds with every task), in seed order."""
+    return {key: [v[s] for s in sorted(v)] for key, v in seed_losses(rows, tasks).items()}
+
+
+def seed_losses(rows: list[dict], tasks: list[str]) -> dict[tuple, dict[int, float]]:
+    """(target, method) -> {seed: mean loss over `tasks`} (only seeds with every task), for paired comparisons."""
     by = defaultdict(dict)
     for r in rows:
         if r["eval_task"] in tasks:
             by[(r["target"], r["method"], r["seed"])][r["eval_task"]] = r["loss"]
-    out = defaultdict(list)
-    for (t, m, _), d in sorted(by.items()):
+    out = defaultdict(dict)
+    for (t, m, seed), d in sorted(by.items()):
         if len(d) == len(tasks):
-            out[(t, m)].append(float(np.mean(list(d.values()))))
+            out[(t, m)][seed] = float(np.mean(list(d.values())))
     return out
 
 
@@ -369,6 +374,32 @@ def equivalent_table(rows, groups) -> tuple[list[str], list[list[str]]]:
     return header, out
 
 
+def head_to_head_table(rows, groups, method: str = "dsdm") -> tuple[list[str], list[list[str]]]:
+    """`method` against every other method at the main cells, per eval group and target, paired by seed.
+
+    Delta = loss(method) - loss(other) per shared seed (negative = `method` is better); the table gives its mean, its
+    standard error over seeds and the number of seeds `method` wins. A target is compared on its own holdout group
+    (and every target on the "unseen" group); untargeted baselines are compared with every target."""
+    main = main_cells(rows)
+    header = ["eval group", "target", f"{method} vs", "delta loss (mean ± s.e.)", f"{method} wins (seeds)"]
+    out = []
+    for g, tasks in groups.items():
+        per = seed_losses(main, tasks)
+        for t in sorted({t for t, m in per if m == method}):
+            if g != "unseen" and t != g:
+                continue
+            mine = per[(t, method)]
+            for other in ordered(m for tt, m in per if tt in (t, UNTARGETED_NAME) and m != method):
+                theirs = per.get((t, other)) or per.get((UNTARGETED_NAME, other), {})
+                seeds = sorted(set(mine) & set(theirs))
+                if not seeds:
+                    continue
+                d = np.array([mine[s] - theirs[s] for s in seeds])
+                se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
+                out.append([g, t, other, fmt(float(d.mean()), se), f"{int((d < 0).sum())}/{d.size}"])
+    return header, out
+
+
 def render(out: str | Path) -> Path:
     """Write <out>/report.md, <out>/report.html and <out>/figures/*.png from <out>/results.csv; returns the HTML."""
     from dsdm.io import atomic_write_text
@@ -396,11 +427,13 @@ def render(out: str | Path) -> Path:
     loss_h, loss_r = comparison_table(rows, "loss")
     acc_h, acc_r = comparison_table(rows, "accuracy")
     eq_h, eq_r = equivalent_table(rows, groups)
+    hh_h, hh_r = head_to_head_table(rows, groups)
     cases = case_study(out, scores, 5, 240)
     sections = [
         ("Holdout loss (mean per-token NLL of the continuation; mean ± s.d. over seeds)", loss_h, loss_r),
         ("Accuracy (mean ± s.d. over seeds)", acc_h, acc_r),
         ("Equivalent × compute (random-data curve, log-linear; > / < = extrapolated)", eq_h, eq_r),
+        ("DsDm head to head (paired by seed; delta < 0 = DsDm has the lower loss)", hh_h, hh_r),
     ]
     T = budget_of(rows)
     n_models = len({(r["method"], r["target"], r["k"], r["epochs"], r["seed"], r["tokens"]) for r in rows})

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dsdm.experiment import RESULT_COLUMNS, UNTARGETED_NAME, read_results
-from dsdm.report import aggregate, comparison_table, equivalent_compute, main_cells, render
+from dsdm.report import aggregate, comparison_table, equivalent_compute, head_to_head_table, main_cells, render
 
 
 class _Collector(HTMLParser):
@@ -125,6 +125,19 @@ def test_aggregation_and_main_cells(tmp_path):
     assert n == 2 and m == pytest.approx(4.5, abs=0.05) and sd < 0.05
     header, table = comparison_table(rows)
     assert header[-3:] == ["a", "b", "u"] and table[0][:2] == [UNTARGETED_NAME, "random"]
+
+
+def test_head_to_head_pairs_seeds():
+    """Planted: dsdm is 0.5 nats better than random on its target 'a' and equal on 'u' (noise 0.01): the paired
+    delta is -0.5 on 'a' with dsdm winning both seeds; dsir (gain 0.1) loses to dsdm by 0.4."""
+    rows = _table()
+    header, table = head_to_head_table(rows, {"a": ["a"], "unseen": ["u"]})
+    got = {(r[0], r[2]): r for r in table}
+    assert set(got) == {("a", "random"), ("a", "dsir"), ("unseen", "random"), ("unseen", "dsir")}
+    mean = lambda r: float(r[3].split(" ± ")[0])  # noqa: E731
+    assert mean(got[("a", "random")]) == pytest.approx(-0.5, abs=0.05) and got[("a", "random")][4] == "2/2"
+    assert mean(got[("a", "dsir")]) == pytest.approx(-0.4, abs=0.05) and got[("a", "dsir")][4] == "2/2"
+    assert abs(mean(got[("unseen", "random")])) < 0.05
 
 
 def test_render_writes_parsable_html_with_existing_images(tmp_path):
