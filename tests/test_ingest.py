@@ -202,7 +202,7 @@ def test_cli_pool_build_and_info(tmp_path, capsys):
     assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
 
 
-def test_sample_fraction_keeps_the_hashed_half_deterministically(tmp_path):
+def test_sample_fraction_keeps_the_hashed_half_deterministically(tmp_path, capsys):
     from dsdm.ingest import text_unit_hash
 
     texts = _texts(200, seed=3)
@@ -215,3 +215,7 @@ def test_sample_fraction_keeps_the_hashed_half_deterministically(tmp_path):
     assert [pool.decode(i).replace(EOS_TOKEN, "") for i in range(len(pool))] == expected
     docs = pool.manifest["docs"]
     assert docs["sampled_out"] == 200 - len(expected) and docs["read"] == len(expected)
+    from dsdm.cli import main
+
+    assert main(["pool", "info", str(tmp_path / "p")]) == 0
+    assert f"sampled out {200 - len(expected):,}" in capsys.readouterr().out

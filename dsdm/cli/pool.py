@@ -93,8 +93,10 @@ def info(args) -> int:
     print(f"tokenizer   {m.get('tokenizer', '?')}")
     if "docs" in m:
         d = m["docs"]
+        sampled = f", sampled out {d['sampled_out']:,} (sample_fraction)" if d.get("sampled_out") else ""
+        tail = m.get("tail_tokens_dropped", 0)
         print(f"documents   read {d['read']:,}, kept {d['kept']:,}, too short {d['too_short']:,}, "
-              f"truncated {d['truncated']:,}; tail tokens dropped {m.get('tail_tokens_dropped', 0):,}")  # fmt: skip
+              f"truncated {d['truncated']:,}{sampled}; tail tokens dropped {tail:,}")  # fmt: skip
     skipped = m.get("skipped", {})
     print("skipped     " + (", ".join(f"{r} {n:,}" for r, n in skipped.items()) or "none"))
     print("\nlength      examples")
