@@ -96,12 +96,19 @@ class ScoreConfig:
 
 def load_features(features_dir: Path) -> tuple[dict, list[Path]]:
     """The featurize run's manifest and its finished per-proxy stores, in proxy order."""
+    from dsdm.featurize import SKETCH_VERSION
     from dsdm.io import DONE_FILE, read_json
 
     features_dir = Path(features_dir)
     if not (features_dir / "manifest.json").exists():
         raise FileNotFoundError(f"{features_dir}/manifest.json not found: run `dsdm featurize --out {features_dir}`")
     manifest = read_json(features_dir / "manifest.json")
+    if manifest.get("sketch_version", 1) != SKETCH_VERSION:
+        raise ValueError(
+            f"{features_dir} was featurized with sketch version {manifest.get('sketch_version', 1)}, this dsdm "
+            f"projects with version {SKETCH_VERSION} (a different random projection): its scores would be wrong. "
+            f"Re-run `dsdm featurize --force --out {features_dir}`."
+        )
     stores = [features_dir / f"proxy_{m}" for m in range(manifest["num_proxies"])]
     unfinished = [str(s) for s in stores if not (s / DONE_FILE).exists()]
     if unfinished:
@@ -111,6 +118,15 @@ def load_features(features_dir: Path) -> tuple[dict, list[Path]]:
 
 def score_tasks(features_dir: Path, task_specs: list[str], cfg: ScoreConfig, device) -> tuple[np.ndarray, list[str]]:
     """Per-task DsDm scores (N, T) float64 for the task specs, from a finished featurize run."""
+    us, qs, names = score_tasks_per_proxy(features_dir, task_specs, cfg, device)
+    return ensemble(us, qs), names
+
+
+def score_tasks_per_proxy(
+    features_dir: Path, task_specs: list[str], cfg: ScoreConfig, device
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Per proxy m: the kernel term u_m (N, T) float64 and Q_m (N,) (ones if not cfg.use_q), and the task names.
+    `ensemble(us, qs)` gives the scores; validate-lds also ensembles the first m proxies to see the effect of M."""
     from dsdm.common import log
     from dsdm.featurize import FeaturizeConfig, make_sketch
     from dsdm.model import load_model
@@ -134,7 +150,7 @@ def score_tasks(features_dir: Path, task_specs: list[str], cfg: ScoreConfig, dev
         q = np.load(store / "q.npy")
         qs.append(q if cfg.use_q else np.ones_like(q))
         log(f"proxy {m}: scored {len(tasks)} task(s), |W| = {np.abs(W).mean():.3g}")
-    return ensemble(us, qs), [t.name for t in tasks]
+    return us, qs, [t.name for t in tasks]
 
 
 def run(features_dir: str | Path, task_specs: list[str], out: str | Path, cfg: ScoreConfig, device) -> Path:

@@ -44,6 +44,35 @@ def lds_p_value(predictions: np.ndarray, losses: np.ndarray) -> float:
     return float(spearmanr(predictions, -np.asarray(losses)).pvalue)
 
 
+def lds_by_ensemble_size(us: list[np.ndarray], qs: list[np.ndarray], subsets, losses) -> dict[int, float]:
+    """LDS of the ensemble of the first m proxies, m = 1, 2, 4, ..., M. us, qs: M x (N,) kernel terms and Q.
+
+    TRAK's per-example scores are noisy and their noise falls with the number of models ensembled; a rising curve
+    says more proxies would help, a flat one that the noise is elsewhere."""
+    sizes = sorted({min(2**i, len(us)) for i in range(len(us).bit_length() + 1)})
+    out = {}
+    for m in sizes:
+        scores = np.mean(us[:m], axis=0) * np.mean(qs[:m], axis=0)
+        out[m] = lds(subset_predictions(scores, subsets), losses)
+    return out
+
+
+def lds_by_group(scores: np.ndarray, groups: np.ndarray, subsets, losses) -> dict[str, float]:
+    """Split each score into its group's mean (e.g. the document's source) and the residual, and give the LDS of each.
+
+    scores = between + within, so the subset prediction is too. "between" measures whether the datamodel ranks
+    the composition of a subset (how much of each source it holds); "within" whether it ranks examples inside a
+    source. scores (N,), groups (N,) labels -> {"between": LDS, "within": LDS}."""
+    scores = np.asarray(scores, dtype=np.float64)
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    means = np.bincount(inverse, weights=scores) / np.bincount(inverse)
+    between = means[inverse]
+    return {
+        "between": lds(subset_predictions(between, subsets), losses),
+        "within": lds(subset_predictions(scores - between, subsets), losses),
+    }
+
+
 def continuation_loss(model, tokens: np.ndarray, score: np.ndarray, device, batch_size: int = 32) -> np.ndarray:
     """Per-example mean NLL over scored tokens (dsdm.evaluate's metric). tokens, score: (n, T) -> (n,) float64."""
     from dsdm.evaluate import continuation_scores
@@ -97,7 +126,7 @@ def _train_and_eval(pool, indices, cfg: ValidateConfig, seed: int, out_dir: Path
 def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) -> dict:
     """Write out_dir/lds.json (LDS, per-subset predictions and losses, sanity losses) and the trained models."""
     from dsdm.common import log, numpy_rng, resolve_device
-    from dsdm.datamodel import ScoreConfig, score_tasks
+    from dsdm.datamodel import ScoreConfig, ensemble, score_tasks_per_proxy
     from dsdm.io import save_npy, write_json
     from dsdm.pool import Pool
     from dsdm.proxies import draw_subset
@@ -113,7 +142,9 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
     for split in ("target", "holdout"):
         tok, _, sc = encode_examples(pool.tokenizer, task.split(split), pool.seq_len, pool.eos_id)
         evals[split] = (tok, sc)
-    scores = score_tasks(Path(features_dir), [task_spec], ScoreConfig(ridge=cfg.ridge), device)[0][:, 0]
+    us, qs, _ = score_tasks_per_proxy(Path(features_dir), [task_spec], ScoreConfig(ridge=cfg.ridge), device)
+    us = [u[:, 0] for u in us]
+    scores = ensemble([u[:, None] for u in us], qs)[:, 0]
     save_npy(out_dir / "scores.npy", scores.astype(np.float32))
     n = len(pool)
     subsets = [draw_subset(n, cfg.fraction, cfg.seed, 10_000 + j) for j in range(cfg.subsets)]
@@ -130,10 +161,14 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         "lds_target": lds(pred, target_losses),
         "lds_holdout": lds(pred, np.array([r["holdout"] for r in losses])),
         "lds_target_p": lds_p_value(pred, target_losses),
+        "lds_target_by_proxies": lds_by_ensemble_size(us, qs, subsets, target_losses),
         "predictions": pred.tolist(),
         "losses": losses,
         "config": vars(cfg),
     }
+    if "source" in pool.meta.column_names:
+        sources = np.asarray(pool.meta.column("source").to_pylist(), dtype=object).astype(str)
+        record["lds_target_by_source"] = lds_by_group(scores, sources, subsets, target_losses)
     log(f"LDS (Spearman, predicted helpfulness vs -target loss, {cfg.subsets} subsets): {record['lds_target']:.3f}")
     if cfg.sanity_fraction > 0:
         k = max(1, int(round(cfg.sanity_fraction * n)))
