@@ -117,6 +117,11 @@ def _block_seed(*keys: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+# Version of the projection's random numbers. Scoring regenerates the sketch to project target gradients, so pool
+# features made with another version would be compared in a different random basis: silently wrong scores.
+# 1: torch.randint signs (until 2026-11-23); 2: PCG64 bytes -> 8 signs each (rademacher below).
+SKETCH_VERSION = 2
+
 # Row b = the 8 bits of byte b, MSB first, as ±1: one random byte gives 8 signs through one table lookup.
 _SIGN_TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1
 
@@ -409,7 +414,7 @@ def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, 
     from dsdm.shards import plan_shards, run_shards
 
     store = Path(store)
-    slice_ = {"featurize": _cfg_dict(cfg), "proxy": proxy, "pool": pool.fingerprint}
+    slice_ = {"featurize": _cfg_dict(cfg), "proxy": proxy, "pool": pool.fingerprint, "sketch_version": SKETCH_VERSION}
     if is_done(store, slice_):
         log(f"{store}: already featurized, skipping")
         return store
@@ -467,7 +472,12 @@ def run(pool_dir: str | Path, proxies_dir: str | Path, out_dir: str | Path, cfg:
     if pmanifest["pool_fingerprint"] != pool.fingerprint:
         raise ValueError(f"{proxies_dir} was trained on another pool (fingerprint differs from {pool_dir})")
     models = [str((proxies_dir / m).resolve()) for m in pmanifest["models"]]
-    slice_ = {"featurize": _cfg_dict(cfg), "proxies": models, "pool_fingerprint": pool.fingerprint}
+    slice_ = {
+        "featurize": _cfg_dict(cfg),
+        "proxies": models,
+        "pool_fingerprint": pool.fingerprint,
+        "sketch_version": SKETCH_VERSION,
+    }
     if is_done(out_dir, slice_, force=force):
         log(f"{out_dir}: already featurized with this configuration; nothing to do")
         return out_dir
