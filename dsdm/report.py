@@ -54,14 +54,23 @@ def budget_of(rows: list[dict]) -> int:
 
 
 def main_cells(rows: list[dict]) -> list[dict]:
-    """Rows of the protocol's main comparison: every cell at the base budget T, targeted methods at their most
-    repeated default selection (the smallest k among the budget's protocol cells, i.e. `budget.epochs` epochs)."""
+    """Rows of the protocol's main comparison: every cell at the base budget T; targeted methods at their default
+    `budget.epochs` selection. That k is the smallest k a method has for *every* target: the protocol's sizes
+    (T / (epochs L) and T / L) are the same for all targets, while `budget.ks` adds sizes to one target only (a
+    target's smaller extra k, i.e. more epochs, must not replace its protocol cell)."""
     T = budget_of(rows)
     at_t = [r for r in rows if r["tokens"] == T]
-    main_k = {}
+    ks = defaultdict(set)
     for r in at_t:
-        key = (r["target"], r["method"])
-        main_k[key] = min(main_k.get(key, r["k"]), r["k"]) if r["target"] != UNTARGETED_NAME else r["k"]
+        ks[(r["target"], r["method"])].add(r["k"])
+    shared = {}
+    for (t, m), k in ks.items():
+        if t != UNTARGETED_NAME:
+            shared[m] = shared[m] & k if m in shared else set(k)
+    main_k = {}
+    for (t, m), k in ks.items():
+        common = k & shared.get(m, set())
+        main_k[(t, m)] = min(common or k) if t != UNTARGETED_NAME else max(k)
     return [r for r in at_t if r["k"] == main_k[(r["target"], r["method"])]]
 
 

@@ -125,6 +125,15 @@ def test_aggregation_and_main_cells(tmp_path):
     assert n == 2 and m == pytest.approx(4.5, abs=0.05) and sd < 0.05
     header, table = comparison_table(rows)
     assert header[-3:] == ["a", "b", "u"] and table[0][:2] == [UNTARGETED_NAME, "random"]
+    # budget.ks adds k = 8 (8 epochs) to target "a" only; target "b" has the protocol sizes: the main cell of "a"
+    # stays the protocol's k = 16, shared by every target
+    extra = [dict(r, k=8, epochs=8.0) for r in rows if r["method"] == "dsdm" and r["k"] == 16]
+    other = [dict(r, target="b") for r in rows if r["target"] == "a"]
+    main = main_cells(rows + extra + other)
+    assert {(r["target"], r["method"], r["k"]) for r in main if r["method"] == "dsdm"} == {
+        ("a", "dsdm", 16),
+        ("b", "dsdm", 16),
+    }
 
 
 def test_head_to_head_pairs_seeds():
