@@ -141,7 +141,9 @@ def score_tasks_per_proxy(
     us, qs = [], []
     for m, store in enumerate(stores):
         model = load_model(manifest["proxies"][m]).to(device)
-        sketch = make_sketch(model, fcfg.projector, fcfg.proj_dim, fcfg.seed, m, device, fcfg.dense_params)
+        sketch = make_sketch(
+            model, fcfg.projector, fcfg.proj_dim, fcfg.seed, m, device, fcfg.dense_params, fcfg.dense_projection
+        )
         gbar = np.stack(
             [mean_target_features(sketch, tok, sc, device, cfg.target_batch_size) for tok, _, sc in encoded], 1
         )  # (k, T)

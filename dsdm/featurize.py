@@ -6,7 +6,9 @@ margin log(p/(1-p)) over the scored positions (method.md §3.2) and Q(z) = mean 
 
 * ``dense``: exact TRAK. Per-example gradients of every parameter with torch.func (vmap over grad), multiplied by a
   Rademacher matrix P (p x k, entries ±1) regenerated block by block from (seed, proxy, parameter, block) on the CPU,
-  never stored; CPU and GPU see the same matrix. The reference; its cost is dominated by regenerating P.
+  never stored; CPU and GPU see the same matrix. The reference; its cost is dominated by regenerating P. With
+  ``dense_projection="srht"`` the same exact gradients go through a subsampled randomized Hadamard transform instead
+  (P = D H[:, S], also ±1 entries), O(p log p) per example rather than p x k random signs per batch.
 * ``factorized`` (default): LoGra-style Kronecker sketch per ``nn.Linear``. For y = x W^T + b with per-token inputs
   x_t and output gradients delta_t the weight gradient is G = sum_t delta_t x_t^T, and with independent Rademacher
   P_out (k_o x d_out), P_in (k_i x d_in), P_out G P_in^T = sum_t (P_out delta_t)(P_in x_t)^T. Inputs are projected in
@@ -130,7 +132,7 @@ def rademacher(rows: int, cols: int, *keys: object) -> torch.Tensor:
     """(rows, cols) float32 matrix of ±1 from a CPU generator seeded by `keys`: the same numbers on every device.
 
     Each sign is one bit of numpy's PCG64 byte stream (bit 1 -> +1, MSB first, row-major). Regenerating p x k signs
-    is the dense projector's main cost; this runs ~4.6x faster than torch.randint on one CPU thread
+    is the dense projector's main cost; this runs ~3x faster than torch.randint on one CPU thread
     (docs/benchmarks.md "Featurize").
     """
     n = rows * cols
@@ -141,6 +143,9 @@ def rademacher(rows: int, cols: int, *keys: object) -> torch.Tensor:
 
 # -----------------------------------------------------------------------------
 # Dense projector: exact per-example gradients (torch.func) times a blockwise Rademacher matrix
+
+
+DENSE_PROJECTIONS = ("rademacher", "srht")
 
 
 def dense_params(model: nn.Module, which: str = "all") -> dict[str, torch.Tensor]:
@@ -185,6 +190,84 @@ def dense_project(grads: dict, k: int, seed: int, proxy: int, block_elems: int =
             p_block = rademacher(stop - start, k, seed, proxy, name, b).to(g.device)  # (rows, k)
             out += g[:, start:stop] @ p_block
     return out / math.sqrt(k)
+
+
+# Subsampled randomized Hadamard transform (Ailon & Chazelle 2006): P = D H[:, S], with D a seeded diagonal of ±1 over
+# the concatenated gradient (p entries, zero-padded to N = 2^m), H the N x N Sylvester-Hadamard matrix and S k distinct
+# seeded columns. Every entry of P is ±1 and E[<P^T a, P^T b>] / k = <a, b>, as with the i.i.d. matrix, but P^T g costs
+# one fast transform, O(N log N) per example, instead of regenerating p x k random numbers per batch: the i.i.d.
+# matrix's p x k signs dominate the dense projector's time (docs/benchmarks.md "Featurize").
+
+
+def fwht(x: torch.Tensor, radix_bits: int = 6) -> torch.Tensor:
+    """Unnormalized Walsh-Hadamard transform H_N x along the last dim (N = 2^m), Sylvester order. (..., N) -> same.
+
+    H_N = H_{2^a} (x) H_{2^b} (x) ..., so the transform is a small dense Hadamard matmul along each group of <=
+    radix_bits index bits: m / radix_bits matmuls instead of m butterfly passes over memory.
+    """
+    n = x.shape[-1]
+    m = n.bit_length() - 1
+    if n != 1 << m:
+        raise ValueError(f"fwht needs a power-of-two length, got {n}")
+    lead = x.shape[:-1]
+    x = x.reshape(-1, n)
+    lo = 0
+    while lo < m:
+        bits = min(radix_bits, m - lo)
+        h = _hadamard(1 << bits, x.dtype, x.device)
+        if lo == 0:  # lowest bits are contiguous: right-multiply rows
+            x = (x.reshape(-1, 1 << bits) @ h).reshape(-1, n)
+        else:  # bits [lo, lo + bits): left-multiply the (2^bits, 2^lo) blocks
+            x = torch.matmul(h, x.reshape(-1, 1 << bits, 1 << lo)).reshape(-1, n)
+        lo += bits
+    return x.reshape(*lead, n)
+
+
+def _hadamard(n: int, dtype, device) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=dtype, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+def srht_plan(p: int, k: int, seed: int, proxy: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """D (p,) float32 ±1, S (k,) int64 sorted distinct columns of H_N, and N = 2^ceil(log2 p), all from the seed."""
+    n = 1 << max(0, (p - 1).bit_length())
+    if k > n:
+        raise ValueError(f"srht projection: k = {k} exceeds the padded gradient length {n}; use a smaller proj_dim")
+    signs = rademacher(1, p, seed, proxy, "srht", "signs")[0]
+    rng = np.random.Generator(np.random.PCG64(_block_seed(seed, proxy, "srht", "columns")))
+    cols = torch.from_numpy(np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64))
+    return signs, cols, n
+
+
+def srht_project(grads: dict, k: int, seed: int, proxy: int, chunk: int = 8) -> torch.Tensor:
+    """g = (H D grad)[S] / sqrt(k) over the concatenated gradient (sorted names). grads {name: (B, ...)} -> (B, k).
+
+    `chunk` examples are transformed at a time: the padded buffer is chunk x N float32 (twice, out of place).
+    """
+    names = sorted(grads)
+    sizes = [grads[n][0].numel() for n in names]
+    signs, cols, n = srht_plan(sum(sizes), k, seed, proxy)
+    first = grads[names[0]]
+    signs, cols = signs.to(first.device), cols.to(first.device)
+    out = []
+    for start in range(0, first.shape[0], chunk):
+        x = torch.zeros(first[start : start + chunk].shape[0], n, device=first.device)
+        offset = 0
+        for name, size in zip(names, sizes):
+            x[:, offset : offset + size] = grads[name][start : start + chunk].flatten(1)
+            offset += size
+        x[:, :offset] *= signs
+        out.append(fwht(x)[:, cols])
+    return torch.cat(out) / math.sqrt(k)
+
+
+def srht_matrix(p: int, k: int, seed: int, proxy: int) -> torch.Tensor:
+    """The (p, k) matrix srht_project uses, unscaled, from the definition H[i, j] = (-1)^popcount(i & j). Tests only."""
+    signs, cols, _ = srht_plan(p, k, seed, proxy)
+    parity = np.bitwise_count(np.bitwise_and.outer(np.arange(p), cols.numpy())) & 1
+    return torch.from_numpy(1.0 - 2.0 * parity).float() * signs[:, None]
 
 
 def dense_matrix(shapes: dict[str, tuple], k: int, seed: int, proxy: int, block_elems: int = 1 << 24) -> torch.Tensor:
@@ -285,15 +368,29 @@ class FactorizedSketch:
 
 
 class DenseSketch:
-    """Exact TRAK features: per-example gradients of `params` ('all' or 'linear') times a seeded Rademacher P.
+    """Exact per-example gradients of `params` ('all' or 'linear') times a seeded ±1 matrix P (p, k).
 
-    The whole batch is projected at once while gradients are computed in vmap chunks of `chunk` examples: generating
-    P costs p x k random signs per call whatever the batch, so a large batch (featurize.batch_size) amortizes it.
+    projection 'rademacher' (exact TRAK): i.i.d. P, regenerated for every batch; the whole batch is projected at once
+    while gradients are computed in vmap chunks of `chunk` examples, because generating P costs p x k random signs per
+    call whatever the batch, so a large batch (featurize.batch_size) amortizes it. projection 'srht': P = D H[:, S]
+    (srht_project), applied by a fast transform, O(p log p) per example.
     """
 
-    def __init__(self, model: nn.Module, k: int, seed: int, proxy: int, params: str = "all", chunk: int = 8):
+    def __init__(
+        self,
+        model: nn.Module,
+        k: int,
+        seed: int,
+        proxy: int,
+        params: str = "all",
+        chunk: int = 8,
+        projection: str = "rademacher",
+    ):
+        if projection not in DENSE_PROJECTIONS:
+            raise ValueError(f"dense projection must be one of {DENSE_PROJECTIONS}, got {projection!r}")
         self.model, self.k, self.seed, self.proxy, self.chunk = model, k, seed, proxy, chunk
         self.params = dense_params(model, params)
+        self.projection = projection
         self.dim = k
 
     def sketch(self, tokens: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,10 +404,21 @@ class DenseSketch:
         with torch.no_grad():
             q = output_and_q(self.model(tokens), tokens, score)[1]
         grads = {n: torch.cat(v) for n, v in parts.items()}
+        if self.projection == "srht":
+            return srht_project(grads, self.k, self.seed, self.proxy, self.chunk), q
         return dense_project(grads, self.k, self.seed, self.proxy), q
 
 
-def make_sketch(model: nn.Module, projector: str, k: int, seed: int, proxy: int, device="cpu", dense_params="all"):
+def make_sketch(
+    model: nn.Module,
+    projector: str,
+    k: int,
+    seed: int,
+    proxy: int,
+    device="cpu",
+    dense_params="all",
+    dense_projection="rademacher",
+):
     """'factorized' -> FactorizedSketch, 'dense' -> DenseSketch. The model's parameters are frozen in place."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -321,7 +429,7 @@ def make_sketch(model: nn.Module, projector: str, k: int, seed: int, proxy: int,
         from dsdm.model import set_attn_impl
 
         set_attn_impl(model, "eager")  # vmap has no batching rule for SDPA's backward on CPU
-        return DenseSketch(model, k, seed, proxy, dense_params)
+        return DenseSketch(model, k, seed, proxy, dense_params, projection=dense_projection)
     raise ValueError(f"projector must be 'factorized' or 'dense', got {projector!r}")
 
 
@@ -347,6 +455,10 @@ class FeaturizeConfig:
     """factorized (per-Linear Kronecker sketch, fast) | dense (exact per-example gradients x Rademacher, reference)."""
     dense_params: str = "all"
     """Dense projector only: all | linear (the parameters the factorized sketch covers, for comparisons)."""
+    dense_projection: str = "rademacher"
+    """Dense projector only: rademacher (i.i.d. ±1 P regenerated per batch, p x k signs: exact TRAK, the reference)
+    | srht (subsampled randomized Hadamard transform: also ±1 entries and unbiased inner products, O(p log p) per
+    example; the dense path that scales beyond toy models on a CPU)."""
     storage_dtype: str = "float16"
     """float16 | float32 for features.npy. The Gram matrix is always accumulated in float64."""
     batch_size: int = 16
@@ -367,6 +479,8 @@ class FeaturizeConfig:
             raise ValueError(f"projector must be factorized or dense, got {self.projector!r}")
         if self.dense_params not in ("all", "linear"):
             raise ValueError(f"dense_params must be all or linear, got {self.dense_params!r}")
+        if self.dense_projection not in DENSE_PROJECTIONS:
+            raise ValueError(f"dense_projection must be one of {DENSE_PROJECTIONS}, got {self.dense_projection!r}")
         if self.storage_dtype not in ("float16", "float32"):
             raise ValueError(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
         if self.executor not in ("local", "ray"):
@@ -418,7 +532,9 @@ def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, 
     if is_done(store, slice_):
         log(f"{store}: already featurized, skipping")
         return store
-    sketch = make_sketch(model.to(device), cfg.projector, cfg.proj_dim, cfg.seed, proxy, device, cfg.dense_params)
+    sketch = make_sketch(
+        model.to(device), cfg.projector, cfg.proj_dim, cfg.seed, proxy, device, cfg.dense_params, cfg.dense_projection
+    )
     n, dim = len(pool), sketch.dim
     open_memmap(store / "features.npy", (n, dim), cfg.storage_dtype, fill=0)
     open_memmap(store / "q.npy", (n,), np.float32, fill=0)

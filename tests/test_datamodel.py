@@ -93,16 +93,16 @@ def test_sign_planted_copies_of_the_target_rank_first():
     out of the top 4 while the kernel term alone still ranks them first (docs/estimator.md).
     k = 2048: with 60 examples the JL error at k = 512 lets 1-2 random rows edge past the copies for some projection
     seeds (measured over seeds 0-7: the copies' best rank was 0-3 at k = 512, 0 for all 8 seeds at k = 2048, both
-    projectors)."""
+    projectors; the dense SRHT projection is checked at the same k)."""
     vocab, T = 23, 12
     g = torch.Generator().manual_seed(0)
     pool = torch.randint(0, vocab, (60, T), generator=g)
     target = torch.randint(0, vocab, (1, T), generator=g)
     planted = [7, 19, 33, 50]
     pool[planted] = target
-    for projector in ("factorized", "dense"):
+    for projector, projection in (("factorized", None), ("dense", "rademacher"), ("dense", "srht")):
         model = _train(TinyGPT(vocab=vocab, seq=T, seed=1), pool)
-        sk = F.make_sketch(model, projector, 2048, seed=0, proxy=0)
+        sk = F.make_sketch(model, projector, 2048, seed=0, proxy=0, dense_projection=projection or "rademacher")
         score = F.pool_score_mask(torch.ones_like(pool, dtype=torch.bool))
         batches = [(pool[i : i + 16].numpy(), score[i : i + 16].numpy()) for i in range(0, 60, 16)]
         G, q = F.featurize_batches(sk, batches, "cpu")
@@ -111,4 +111,37 @@ def test_sign_planted_copies_of_the_target_rank_first():
         tscore[0, T // 2 :] = True  # continuation = second half
         gbar = D.mean_target_features(sk, target.numpy(), tscore.numpy(), "cpu")
         s = D.task_mix(D.ensemble([D.stream_scores(G, D.solve(G.T @ G, gbar[:, None], 1e-2))], [q]))
-        assert set(top_k(s, 4).tolist()) == set(planted), (projector, top_k(s, 8), s[planted])
+        assert set(top_k(s, 4).tolist()) == set(planted), (projector, projection, top_k(s, 8), s[planted])
+
+
+def test_scoring_projects_targets_with_the_stores_own_projection(tmp_path):
+    """The store records its projection (here dense + srht); `dsdm score` must regenerate exactly that sketch for
+    the target gradients, or pool and target features live in different random bases. Reference: the same chain
+    computed by hand from the proxy with an explicitly built srht sketch."""
+    import json
+
+    from test_experiment import build_micro_data
+
+    from dsdm.cli import main
+    from dsdm.model import load_model
+    from dsdm.pool import Pool
+    from dsdm.tasks import encode_examples, load_task
+
+    build_micro_data(tmp_path, n_docs=48)
+    pool_dir, run = tmp_path / "pool", tmp_path / "run"
+    train = ["--set", "train.preset=micro", "--set", "train.steps=5", "--set", "train.batch_size=8"]
+    assert main(["proxies", "train", "--pool", str(pool_dir), "--out", str(run / "proxies"), "--n", "1"] + train) == 0
+    feat = ["featurize", "--pool", str(pool_dir), "--proxies", str(run / "proxies"), "--out", str(run / "features")]
+    assert main(feat + ["--projector", "dense", "--proj-dim", "32", "--set", "dense_projection=srht"]) == 0
+    manifest = json.loads((run / "features" / "manifest.json").read_text())
+    assert manifest["featurize"]["dense_projection"] == "srht"
+    task = str(tmp_path / "tasks" / "cooking")
+    us, _, _ = D.score_tasks_per_proxy(run / "features", [task], D.ScoreConfig(), "cpu")
+
+    store = run / "features" / "proxy_0"
+    pool = Pool(manifest["pool"])
+    tok, _, sc = encode_examples(pool.tokenizer, load_task(task).target, pool.seq_len, pool.eos_id)
+    model = load_model(manifest["proxies"][0])
+    sk = F.make_sketch(model, "dense", 32, 0, 0, dense_projection="srht")
+    W = D.solve(np.load(store / "gram.npy"), D.mean_target_features(sk, tok, sc, "cpu")[:, None], 1e-2)
+    np.testing.assert_allclose(us[0], D.stream_scores(np.load(store / "features.npy"), W), rtol=1e-6, atol=1e-9)

@@ -43,12 +43,15 @@ def register(subparsers) -> None:
         description=(
             "Featurize the pool with every proxy: g(z) = sketch of grad f(z), f = mean per-token margin.\n"
             "  factorized (default): per-nn.Linear Kronecker sketch from activations and output gradients (fast)\n"
-            "  dense: exact per-example gradients (torch.func) x seeded blockwise Rademacher matrix (reference)\n\n"
+            "  dense: exact per-example gradients (torch.func) x seeded blockwise Rademacher matrix (reference);\n"
+            "    --set dense_projection=srht applies a subsampled randomized Hadamard transform instead (O(p log p)\n"
+            "    per example rather than p x k random signs per batch: the dense path for larger models)\n\n"
             "Reads: --pool, --proxies (dsdm proxies train).\n"
             "Writes under --out: manifest.json; per proxy proxy_<m>/features.npy (N, dim) float16|32, q.npy (N,),\n"
             "done.npy (N,) bool, shards/gram_<start>_<stop>.npy, gram.npy (dim, dim) float64, manifest.json,\n"
             "_done.json; then _done.json. Interrupted runs resume shard by shard with bitwise-identical results.\n"
-            "More settings via --set (batch_size, shard_size, storage_dtype, seed, device, dense_params, executor)."
+            "More settings via --set (batch_size, shard_size, storage_dtype, seed, device, dense_params,\n"
+            "dense_projection, executor)."
         ),
     )
     f.add_argument("--pool", required=True, metavar="DIR", help="pool directory")
