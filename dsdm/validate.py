@@ -13,6 +13,7 @@ holdout split the top-k model should have the lowest loss and the bottom-k model
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,3 +200,38 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
     record["wall_time_s"] = round(time.time() - started, 1)
     write_json(out_dir / "lds.json", record)
     return record
+
+
+def rescore(lds_dir, score_files: list) -> list[dict]:
+    """LDS of other score vectors, each (N,) with larger = more helpful, on the subsets and losses that an earlier
+    `validate-lds` measured: no training. Any selection method's scores of the same pool (another projection, k,
+    ridge, DSIR's log-ratios ...) are compared on the same models. Returns one row per file."""
+    lds_dir = Path(lds_dir)
+    if not (lds_dir / "lds.json").exists():
+        raise FileNotFoundError(f"{lds_dir}/lds.json not found: run `dsdm validate-lds --out {lds_dir}` first")
+    rec = json.loads((lds_dir / "lds.json").read_text())
+    subsets = [np.load(lds_dir / "subsets" / f"subset_{j}.npy") for j in range(len(rec["losses"]))]
+    target = np.array([r["target"] for r in rec["losses"]])
+    holdout = np.array([r["holdout"] for r in rec["losses"]])
+    n = len(np.load(lds_dir / "scores.npy", mmap_mode="r"))
+    rows = []
+    for f in score_files:
+        scores = np.load(f, mmap_mode="r")
+        if scores.shape != (n,):
+            raise ValueError(
+                f"{f}: scores of shape {scores.shape}, but {lds_dir} was measured on a pool of {n} "
+                "examples; pass one (N,) score vector of that pool per file"
+            )
+        scores = np.asarray(scores, dtype=np.float64)
+        if not np.isfinite(scores).all():
+            raise ValueError(f"{f}: {int((~np.isfinite(scores)).sum())} non-finite scores")
+        pred = subset_predictions(scores, subsets)
+        rows.append(
+            {
+                "scores": str(f),
+                "lds_target": lds(pred, target),
+                "lds_target_p": lds_p_value(pred, target),
+                "lds_holdout": lds(pred, holdout),
+            }
+        )
+    return rows

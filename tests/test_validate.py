@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from dsdm.validate import lds, lds_by_ensemble_size, lds_by_group, subset_predictions
+from dsdm.validate import lds, lds_by_ensemble_size, lds_by_group, rescore, subset_predictions
 
 
 def _subsets(n=200, count=30, size=50, seed=0):
@@ -58,6 +58,34 @@ def test_lds_by_ensemble_size_averages_the_first_m_proxies():
     assert sorted(lds_by_ensemble_size(us[:3], qs[:3], subsets, losses)) == [1, 2, 3]
 
 
+def test_rescore_gives_other_scores_an_lds_on_the_measured_models(tmp_path):
+    """A fake validate-lds directory whose losses follow a known helpfulness h: rescoring h gives a high LDS, -h the
+    mirror image, noise ~0; a score file of the wrong length is refused, naming the file."""
+    rng = np.random.default_rng(0)
+    n, subsets = 200, _subsets()
+    h = rng.normal(size=n)
+    out = tmp_path / "lds"
+    (out / "subsets").mkdir(parents=True)
+    losses = []
+    for j, s in enumerate(subsets):
+        np.save(out / "subsets" / f"subset_{j}.npy", s)
+        loss = 8.0 - 0.01 * h[s].sum() + rng.normal(scale=0.005)
+        losses.append({"target": loss, "holdout": loss + rng.normal(scale=0.005)})
+    (out / "lds.json").write_text(json.dumps({"losses": losses}))
+    np.save(out / "scores.npy", np.zeros(n, dtype=np.float32))
+    files = {}
+    for name, v in {"h": h, "neg": -h, "noise": rng.normal(size=n)}.items():
+        files[name] = tmp_path / f"{name}.npy"
+        np.save(files[name], v.astype(np.float32))
+    rows = {r["scores"]: r for r in rescore(out, [files["h"], files["neg"], files["noise"]])}
+    assert rows[str(files["h"])]["lds_target"] > 0.8 and rows[str(files["h"])]["lds_target_p"] < 1e-6
+    assert rows[str(files["neg"])]["lds_target"] == pytest.approx(-rows[str(files["h"])]["lds_target"])
+    assert abs(rows[str(files["noise"])]["lds_target"]) < 0.5
+    np.save(tmp_path / "short.npy", h[:-1])
+    with pytest.raises(ValueError, match="short.npy"):
+        rescore(out, [tmp_path / "short.npy"])
+
+
 def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     """micro pool -> 2 proxies -> factorized features -> validate-lds with 4 subsets and the sanity arms: lds.json has
     the LDS in [-1, 1], one entry per ensemble size, the by-source split and the three sanity arms. Then `dsdm score`
@@ -83,6 +111,10 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     assert set(rec["lds_target_by_source"]) == {"between", "within"}
     assert set(rec["sanity"]["losses"]) == {"top_k", "random", "bottom_k"}
     assert len(rec["predictions"]) == 4 and len(list((run / "lds" / "subsets").glob("*.npy"))) == 4
+
+    # the measured models can score other score files; the run's own scores give back the run's own LDS
+    assert main(["lds-rescore", "--lds", str(run / "lds"), "--scores", str(run / "lds" / "scores.npy")]) == 0
+    assert f"| {rec['lds_target']:+.3f} |" in capsys.readouterr().out
 
     # features from another version of the random projection are refused, not silently mis-scored
     manifest = json.loads((run / "features" / "manifest.json").read_text())

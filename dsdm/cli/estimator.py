@@ -122,6 +122,21 @@ def register(subparsers) -> None:
     add_config_args(v)
     v.set_defaults(func=_validate)
 
+    r = subparsers.add_parser(
+        "lds-rescore",
+        help="LDS of other score files on the models an earlier validate-lds trained (no training)",
+        formatter_class=RAW,
+        description=(
+            "Reuse the subsets and measured losses of a validate-lds run to compute the LDS of other score vectors\n"
+            "of the same pool (larger = more helpful): another projection, k or ridge, or a baseline's scores.\n\n"
+            "Reads: --lds DIR/lds.json, DIR/subsets/, DIR/scores.npy (for N); each --scores FILE.npy, shape (N,).\n"
+            "Prints a table: LDS on the target split, its p-value, LDS on the holdout split."
+        ),
+    )
+    r.add_argument("--lds", required=True, metavar="DIR", help="output directory of dsdm validate-lds")
+    r.add_argument("--scores", required=True, nargs="+", metavar="FILE.npy", help="score vector(s), shape (N,)")
+    r.set_defaults(func=_rescore)
+
 
 def _proxies(args) -> int:
     from dsdm.proxies import ProxiesConfig, run
@@ -167,4 +182,14 @@ def _validate(args) -> int:
             f"top-k beats random: {rec['sanity']['top_beats_random']}; "
             f"bottom-k loses to random: {rec['sanity']['bottom_loses_to_random']}"
         )
+    return 0
+
+
+def _rescore(args) -> int:
+    from dsdm.validate import rescore
+
+    rows = rescore(args.lds, args.scores)
+    print("| scores | LDS (target) | p | LDS (holdout) |\n|---|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['scores']} | {row['lds_target']:+.3f} | {row['lds_target_p']:.2f} | {row['lds_holdout']:+.3f} |")
     return 0
