@@ -247,7 +247,7 @@ def srht_project(grads: dict, k: int, seed: int, proxy: int, chunk: int = 8) -> 
     `chunk` examples are transformed at a time: the padded buffer is chunk x N float32 (twice, out of place).
     """
     names = sorted(grads)
-    sizes = [grads[n][0].numel() for n in names]
+    sizes = [grads[name][0].numel() for name in names]
     signs, cols, n = srht_plan(sum(sizes), k, seed, proxy)
     first = grads[names[0]]
     signs, cols = signs.to(first.device), cols.to(first.device)
