@@ -141,7 +141,7 @@ def test_dense_srht_equals_exact_gradients_times_its_matrix():
 
 
 def test_srht_inner_products_are_as_good_as_iid_rademacher():
-    """JL quality on real gradients (a trained-free TinyGPT, all parameters): the relative Gram error of the SRHT over
+    """JL quality on exact gradients (an untrained TinyGPT, all parameters): the relative Gram error of the SRHT over
     8 seeds is of the same size as an i.i.d. ±1 matrix of the same k (both ~ sqrt(2 / k)), and unbiased: the mean of
     the 8 sketched Grams is closer to the exact one than any single sketch."""
     model = TinyGPT()
