@@ -50,8 +50,9 @@ def stream_scores(features: np.ndarray, W: np.ndarray, block: int = 65536) -> np
 
 
 def ensemble(us: list[np.ndarray], qs: list[np.ndarray]) -> np.ndarray:
-    """TRAK ensemble: mean of kernel terms times mean of Q. us: M x (N, T), qs: M x (N,) -> (N, T)."""
-    return np.mean(us, axis=0) * np.mean(qs, axis=0)[:, None]
+    """TRAK ensemble: mean of kernel terms times mean of Q. us: M x (N, T) or M x (N,); qs: M x (N,) -> like us[0]."""
+    mean_u, mean_q = np.mean(us, axis=0), np.mean(qs, axis=0)
+    return mean_u * mean_q.reshape(mean_q.shape + (1,) * (mean_u.ndim - 1))
 
 
 def task_mix(per_task: np.ndarray) -> np.ndarray:

@@ -13,7 +13,6 @@ holdout split the top-k model should have the lowest loss and the bottom-k model
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,17 +44,24 @@ def lds_p_value(predictions: np.ndarray, losses: np.ndarray) -> float:
     return float(spearmanr(predictions, -np.asarray(losses)).pvalue)
 
 
+def lds_summary(predictions: np.ndarray, target_losses: np.ndarray, holdout_losses: np.ndarray) -> dict[str, float]:
+    """The LDS on the target split with its p-value, and on the holdout split."""
+    return {
+        "lds_target": lds(predictions, target_losses),
+        "lds_holdout": lds(predictions, holdout_losses),
+        "lds_target_p": lds_p_value(predictions, target_losses),
+    }
+
+
 def lds_by_ensemble_size(us: list[np.ndarray], qs: list[np.ndarray], subsets, losses) -> dict[int, float]:
     """LDS of the ensemble of the first m proxies, m = 1, 2, 4, ..., M. us, qs: M x (N,) kernel terms and Q.
 
     TRAK's per-example scores are noisy and their noise falls with the number of models ensembled; a rising curve
     says more proxies would help, a flat one that the noise is elsewhere."""
+    from dsdm.datamodel import ensemble
+
     sizes = sorted({min(2**i, len(us)) for i in range(len(us).bit_length() + 1)})
-    out = {}
-    for m in sizes:
-        scores = np.mean(us[:m], axis=0) * np.mean(qs[:m], axis=0)
-        out[m] = lds(subset_predictions(scores, subsets), losses)
-    return out
+    return {m: lds(subset_predictions(ensemble(us[:m], qs[:m]), subsets), losses) for m in sizes}
 
 
 def lds_by_group(scores: np.ndarray, groups: np.ndarray, subsets, losses) -> dict[str, float]:
@@ -124,6 +130,11 @@ def _train_and_eval(pool, indices, cfg: ValidateConfig, seed: int, out_dir: Path
     return {name: float(continuation_loss(model, tok, sc, device).mean()) for name, (tok, sc) in evals.items()}
 
 
+def _train_seed(cfg: ValidateConfig, model_index: int) -> int:
+    """seed * 1000 for every model when shared_train_seed, else seed * 1000 + model_index."""
+    return cfg.seed * 1000 + (0 if cfg.shared_train_seed else model_index)
+
+
 def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) -> dict:
     """Write out_dir/lds.json (LDS, per-subset predictions and losses, sanity losses) and the trained models."""
     from dsdm.common import log, numpy_rng, resolve_device
@@ -145,23 +156,21 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         evals[split] = (tok, sc)
     us, qs, _ = score_tasks_per_proxy(Path(features_dir), [task_spec], ScoreConfig(ridge=cfg.ridge), device)
     us = [u[:, 0] for u in us]
-    scores = ensemble([u[:, None] for u in us], qs)[:, 0]
+    scores = ensemble(us, qs)
     save_npy(out_dir / "scores.npy", scores.astype(np.float32))
     n = len(pool)
     subsets = [draw_subset(n, cfg.fraction, cfg.seed, 10_000 + j) for j in range(cfg.subsets)]
     losses = []
     for j, s in enumerate(subsets):
         save_npy(out_dir / "subsets" / f"subset_{j}.npy", s)
-        train_seed = cfg.seed * 1000 + (0 if cfg.shared_train_seed else j)
-        losses.append(_train_and_eval(pool, s, cfg, train_seed, out_dir / "models" / f"lds_{j}", evals, device))
+        model_dir = out_dir / "models" / f"lds_{j}"
+        losses.append(_train_and_eval(pool, s, cfg, _train_seed(cfg, j), model_dir, evals, device))
         log(f"LDS subset {j + 1}/{cfg.subsets}: target loss {losses[-1]['target']:.4f}")
     pred = subset_predictions(scores, subsets)
     target_losses = np.array([r["target"] for r in losses])
     record = {
         "task": task.name,
-        "lds_target": lds(pred, target_losses),
-        "lds_holdout": lds(pred, np.array([r["holdout"] for r in losses])),
-        "lds_target_p": lds_p_value(pred, target_losses),
+        **lds_summary(pred, target_losses, np.array([r["holdout"] for r in losses])),
         "lds_target_by_proxies": lds_by_ensemble_size(us, qs, subsets, target_losses),
         "predictions": pred.tolist(),
         "losses": losses,
@@ -180,15 +189,8 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         }
         sanity = {}
         for name, idx in arms.items():
-            sanity[name] = _train_and_eval(
-                pool,
-                np.sort(idx),
-                cfg,
-                cfg.seed * 1000 + (0 if cfg.shared_train_seed else 999),
-                out_dir / "models" / name,
-                evals,
-                device,
-            )
+            model_dir = out_dir / "models" / name
+            sanity[name] = _train_and_eval(pool, np.sort(idx), cfg, _train_seed(cfg, 999), model_dir, evals, device)
             log(f"sanity {name} (k={k}): holdout loss {sanity[name]['holdout']:.4f}")
         h = {a: sanity[a]["holdout"] for a in arms}
         record["sanity"] = {
@@ -206,10 +208,12 @@ def rescore(lds_dir, score_files: list) -> list[dict]:
     """LDS of other score vectors, each (N,) with larger = more helpful, on the subsets and losses that an earlier
     `validate-lds` measured: no training. Any selection method's scores of the same pool (another projection, k,
     ridge, DSIR's log-ratios ...) are compared on the same models. Returns one row per file."""
+    from dsdm.io import read_json
+
     lds_dir = Path(lds_dir)
     if not (lds_dir / "lds.json").exists():
         raise FileNotFoundError(f"{lds_dir}/lds.json not found: run `dsdm validate-lds --out {lds_dir}` first")
-    rec = json.loads((lds_dir / "lds.json").read_text())
+    rec = read_json(lds_dir / "lds.json")
     subsets = [np.load(lds_dir / "subsets" / f"subset_{j}.npy") for j in range(len(rec["losses"]))]
     target = np.array([r["target"] for r in rec["losses"]])
     holdout = np.array([r["holdout"] for r in rec["losses"]])
@@ -225,13 +229,5 @@ def rescore(lds_dir, score_files: list) -> list[dict]:
         scores = np.asarray(scores, dtype=np.float64)
         if not np.isfinite(scores).all():
             raise ValueError(f"{f}: {int((~np.isfinite(scores)).sum())} non-finite scores")
-        pred = subset_predictions(scores, subsets)
-        rows.append(
-            {
-                "scores": str(f),
-                "lds_target": lds(pred, target),
-                "lds_target_p": lds_p_value(pred, target),
-                "lds_holdout": lds(pred, holdout),
-            }
-        )
+        rows.append({"scores": str(f), **lds_summary(subset_predictions(scores, subsets), target, holdout)})
     return rows
