@@ -1,4 +1,4 @@
-"""Datamodel scores from projected gradients: TRAK's one-step estimator, averaged over targets (method.md §3.5–3.7).
+"""Datamodel scores from projected gradients: TRAK's one-step estimator, averaged over targets (docs/method.md §3.5–3.7).
 
 Per proxy m with pool features G_m (N, k), Gram K_m = G_m^T G_m and Q_m (N,):
 
@@ -8,7 +8,7 @@ Per proxy m with pool features G_m (N, k), Gram K_m = G_m^T G_m and Q_m (N,):
     s(mix)  = mean over tasks of s(task)                               equal task weights (the released lm_task_mix)
 
 Never N x (number of target examples): targets enter only through their mean projected gradient gbar (linearity,
-method.md §3.6), and the pool is read block by block. Sign (dsdm.select): larger = more helpful; Q > 0 and the
+docs/method.md §3.6), and the pool is read block by block. Sign (dsdm.select): larger = more helpful; Q > 0 and the
 margin output make a positive score mean "including z raises the target margin", i.e. lowers the target loss.
 
 lam_m = ridge * mean(diag K_m) (relative ridge: scale-free, so the 1/sqrt(k) feature scale never matters). Default
@@ -56,7 +56,7 @@ def ensemble(us: list[np.ndarray], qs: list[np.ndarray]) -> np.ndarray:
 
 
 def task_mix(per_task: np.ndarray) -> np.ndarray:
-    """Equal weight per task, whatever its size (method.md §2.4). (N, T) -> (N,)."""
+    """Equal weight per task, whatever its size (docs/method.md §2.4). (N, T) -> (N,)."""
     return per_task.mean(axis=1)
 
 

@@ -1,11 +1,11 @@
 """The experiment runner: select with every method, train an evaluation model per selection at a fixed token budget,
-evaluate it on every holdout and unseen task, and collect one `results.csv` (method.md §6, §9.2 steps 5-7).
+evaluate it on every holdout and unseen task, and collect one `results.csv` (docs/method.md §6, §9.2 steps 5-7).
 
-Protocol (method.md §6.2, §9.2 step 5). Every evaluation model sees the same number of training tokens T
+Protocol (docs/method.md §6.2, §9.2 step 5). Every evaluation model sees the same number of training tokens T
 (`budget.tokens`), whatever the method:
 - targeted methods (dsdm, dsdm-inverse, dsir, classifier) select k = T / (epochs * L) examples and repeat them for
   `budget.epochs` epochs (4, as in the paper), plus a 1-epoch variant with k = T / L that separates selection from
-  repetition (method.md §8 item 5);
+  repetition (docs/method.md §8 item 5);
 - untargeted methods (random, semdedup) select k = T / L and train one epoch;
 - `budget.ks` adds explicit selection sizes per target for the "loss vs k" plot (epochs = T / (k L), fractional
   allowed);
@@ -73,7 +73,7 @@ class TargetSpec:
     """Short name used in file names and tables, e.g. `squad` or `mix`."""
     tasks: list[str] = field(default_factory=list)
     """Task specs (a directory with target.jsonl + holdout.jsonl, see dsdm.tasks). Several = an equal-weight task mix
-    (method.md §2.4): DsDm averages the per-task scores; DSIR and Classifier fit on the union of the target texts."""
+    (docs/method.md §2.4): DsDm averages the per-task scores; DSIR and Classifier fit on the union of the target texts."""
 
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "-." for c in self.name):
@@ -85,11 +85,11 @@ class TargetSpec:
 @dataclass
 class BudgetConfig:
     tokens: int = 0
-    """T, training tokens of every evaluation model (method.md §6.2)."""
+    """T, training tokens of every evaluation model (docs/method.md §6.2)."""
     epochs: int = 4
     """Epochs over a targeted selection (paper: 4); k = T / (epochs * L)."""
     one_epoch_variant: bool = True
-    """Also train targeted methods for 1 epoch on k = T / L examples (selection vs repetition, method.md §8.5)."""
+    """Also train targeted methods for 1 epoch on k = T / L examples (selection vs repetition, docs/method.md §8.5)."""
     ks: dict[str, list[int]] = field(default_factory=dict)
     """Extra selection sizes per target name (for loss vs k); each trained at budget T, epochs = T / (k L)."""
     compute_multipliers: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])

@@ -1,7 +1,7 @@
-"""Featurize: projected per-example gradients of a proxy LM (TRAK, Park et al. 2023, §3; method.md §3.2–3.7).
+"""Featurize: projected per-example gradients of a proxy LM (TRAK, Park et al. 2023, §3; docs/method.md §3.2–3.7).
 
 For proxy m and sequence z we keep g_m(z) = P_m^T grad f(z; theta_m) / sqrt(k) in R^k, where f is the mean per-token
-margin log(p/(1-p)) over the scored positions (method.md §3.2) and Q(z) = mean over the same positions of (1 - p)
+margin log(p/(1-p)) over the scored positions (docs/method.md §3.2) and Q(z) = mean over the same positions of (1 - p)
 (the out-to-loss term, §3.3). Two projectors:
 
 * ``dense``: exact TRAK. Per-example gradients of every parameter with torch.func (vmap over grad), multiplied by a
@@ -19,7 +19,7 @@ margin log(p/(1-p)) over the scored positions (method.md §3.2) and Q(z) = mean 
   token embedding only its output-side use is covered). Not covered: embedding lookups (token, position), LayerNorm.
 
 Scaling: both projectors divide by sqrt(k) (per factor: sqrt(k_o) and sqrt(k_i)), so <g(a), g(b)> is an unbiased
-estimate of <grad f(a), grad f(b)>. method.md §3.4 writes 1/sqrt(p) (traker); with a relative ridge (datamodel.py)
+estimate of <grad f(a), grad f(b)>. docs/method.md §3.4 writes 1/sqrt(p) (traker); with a relative ridge (datamodel.py)
 the scores do not depend on this constant at all.
 """
 
@@ -38,7 +38,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 # -----------------------------------------------------------------------------
-# Output function (method.md §3.2, §3.3)
+# Output function (docs/method.md §3.2, §3.3)
 
 
 class _Margin(torch.autograd.Function):
@@ -450,7 +450,7 @@ def featurize_batches(sketch, batches, device) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class FeaturizeConfig:
     proj_dim: int = 4096
-    """k, the projection budget (method.md §3.4). Factorized: the feature dim is <= k (see split_dims)."""
+    """k, the projection budget (docs/method.md §3.4). Factorized: the feature dim is <= k (see split_dims)."""
     projector: str = "factorized"
     """factorized (per-Linear Kronecker sketch, fast) | dense (exact per-example gradients x Rademacher, reference)."""
     dense_params: str = "all"

@@ -16,7 +16,7 @@ the line or row, and the fix; with on_error=skip the document is skipped and cou
 first few locations per reason) are printed and stored in pool.json. Nothing is dropped silently: documents shorter
 than `min_tokens` and the packing remainder are counted in pool.json too.
 
-Modes (the paper packs, method.md §9.1): pack=True joins documents with EOS and cuts the stream into seq_len-token
+Modes (the paper packs, docs/method.md §9.1): pack=True joins documents with EOS and cuts the stream into seq_len-token
 examples (the last partial one is dropped and counted); each example's `source` is the source contributing most of
 its tokens, its doc_id and other metadata those of the document contributing most. pack=False keeps one example per
 document: its tokens followed by EOS, truncated to seq_len.

@@ -1,5 +1,5 @@
 """Proxy models for the estimator: M independent proxies, each trained on its own seeded random subset of the pool
-(method.md §3.8, §9.2 step 2; the paper trains 4 proxies on ≈38% of the pool each).
+(docs/method.md §3.8, §9.2 step 2; the paper trains 4 proxies on ≈38% of the pool each).
 
 Layout of a proxies directory:
 

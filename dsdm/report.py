@@ -1,6 +1,6 @@
 """The experiment report: results.csv (+ selections, scores, pool) -> tables, PNG figures, report.md, report.html.
 
-What it shows (method.md §7, §9.2 steps 6-9):
+What it shows (docs/method.md §7, §9.2 steps 6-9):
 - the comparison table: method x eval task, holdout loss (mean per-token NLL of the continuation) mean ± s.d. over
   seeds, at the protocol's main cell (targeted: `budget.epochs` epochs; untargeted: 1x compute);
 - methods side by side with error bars over seeds, per target; holdout loss vs k per target;

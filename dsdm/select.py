@@ -1,6 +1,6 @@
 """The one selection step that every method goes through: one score per pool example -> int64 indices.
 
-SIGN CONVENTION (method.md §2.3), stated once for the whole package: a score is LARGER when the pool example is
+SIGN CONVENTION (docs/method.md §2.3), stated once for the whole package: a score is LARGER when the pool example is
 predicted to help the target MORE, and every method keeps the k LARGEST scores. For DsDm the score is the
 target-averaged TRAK effect of including the example on the target *margin* (higher margin = lower loss), i.e. minus
 the paper's loss-datamodel weight θ̄ up to a positive factor, so top_k(score) is the paper's bottom-k(θ̄)

@@ -1,4 +1,4 @@
-"""Train a language model on a selection of the pool at a fixed token budget (method.md §6.2).
+"""Train a language model on a selection of the pool at a fixed token budget (docs/method.md §6.2).
 
 Recipe: next-token cross-entropy on the pool's examples (padding never scored), AdamW with β = (0.9, 0.95) and
 decoupled weight decay on matrices only (not on biases, LayerNorms or position embeddings — nanoGPT's split),

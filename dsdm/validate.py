@@ -1,4 +1,4 @@
-"""Estimator checks that the paper lacks (method.md §9.2 step 8): the linear datamodeling score (LDS) and the
+"""Estimator checks that the paper lacks (docs/method.md §9.2 step 8): the linear datamodeling score (LDS) and the
 top-k / bottom-k sanity checks.
 
 LDS: train models on `subsets` random subsets S_j (each a `fraction` of the pool), measure the actual target loss

@@ -1,4 +1,4 @@
-"""The baselines of DsDm's comparison (method.md §4) and the DsDm score files, behind one selection contract.
+"""The baselines of DsDm's comparison (docs/method.md §4) and the DsDm score files, behind one selection contract.
 
 BASELINES maps a method name to a class that stores its hyper-parameters (a dataclass: typed, documented, validated),
 learns in `fit(target, pool_sample)` (trailing-underscore attributes, returns self) and then either

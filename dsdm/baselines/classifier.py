@@ -1,4 +1,4 @@
-"""Classifier: a GPT-3-style binary "looks like the target" filter (method.md §4; Brown et al. 2020, App. A).
+"""Classifier: a GPT-3-style binary "looks like the target" filter (docs/method.md §4; Brown et al. 2020, App. A).
 
 Positives are the target texts, negatives a seeded sample of pool texts, features hashed word n-grams. The score of a
 pool example is the classifier's log-odds of "target-like" (larger = keep). The released DsDm code selects the top-k

@@ -1,4 +1,4 @@
-"""Random: k pool examples uniformly without replacement, seeded (method.md §4; the released code's
+"""Random: k pool examples uniformly without replacement, seeded (docs/method.md §4; the released code's
 `rng.choice(N, k, replace=False)`, unseeded there).
 
 On the shared score contract: every example gets an i.i.d. Uniform[0, 1) score from the seeded generator and the k

@@ -1,4 +1,4 @@
-"""SemDeDup: semantic de-duplication (Abbas et al. 2023, arXiv 2303.09540), untargeted (method.md §4).
+"""SemDeDup: semantic de-duplication (Abbas et al. 2023, arXiv 2303.09540), untargeted (docs/method.md §4).
 
 1. Embed every pool example and L2-normalise (cosine similarity = dot product).
 2. k-means with faiss (spherical, seeded), n_clusters ≈ √N by default.
@@ -122,7 +122,7 @@ class SemDeDup:
     is 0."""
     target_keep_fraction: float = 0.2
     """If > 0: find eps by bisection so about this fraction of the pool is kept. Default 0.2: DsDm's `sdd_20pct`
-    kept ≈20% of its pool (method.md §4, inferred). Set 0 to use `eps` as given."""
+    kept ≈20% of its pool (docs/method.md §4, inferred). Set 0 to use `eps` as given."""
     fit_sample: int = 20_000
     """Pool examples (seeded sample) the tfidf vocabulary statistics and SVD are fitted on."""
     kmeans_iters: int = 20

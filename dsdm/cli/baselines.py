@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = """\
-Select k pool examples with one of DsDm's comparison methods (method.md §4) and write them to --out:
+Select k pool examples with one of DsDm's comparison methods (docs/method.md §4) and write them to --out:
 
   random        uniform without replacement (seeded)
   dsir          hashed uni+bigram importance weights towards the target, Gumbel top-k

@@ -1,5 +1,5 @@
 """`dsdm experiment CONFIG --out DIR`, `dsdm demo --out DIR` and `dsdm report DIR`: the comparison that closes the
-experiment (method.md §6, §9.2 steps 5-7), its embedded-data demo, and re-rendering a report."""
+experiment (docs/method.md §6, §9.2 steps 5-7), its embedded-data demo, and re-rendering a report."""
 
 from __future__ import annotations
 
