@@ -59,7 +59,8 @@ def _build(queue, inputs, out, cfg) -> None:
 
 
 def main() -> None:
-    from dsdm.ingest import Errors, PoolBuildConfig, expand_inputs, iter_documents, resolve_workers
+    from dsdm.ingest import PoolBuildConfig, resolve_workers
+    from dsdm.readers import Errors, expand_inputs, iter_documents
     from dsdm.tokenizer import load_tokenizer, save_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

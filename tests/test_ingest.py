@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dsdm.ingest import PoolBuildConfig, build_pool, expand_inputs
+from dsdm.ingest import PoolBuildConfig, build_pool
+from dsdm.readers import expand_inputs
 from dsdm.pool import Pool
 from dsdm.tokenizer import EOS_TOKEN, load_tokenizer
 
@@ -219,3 +220,41 @@ def test_sample_fraction_keeps_the_hashed_half_deterministically(tmp_path, capsy
 
     assert main(["pool", "info", str(tmp_path / "p")]) == 0
     assert f"sampled out {200 - len(expected):,}" in capsys.readouterr().out
+
+
+def _compressed(path, texts, codec):
+    """texts as JSONL, compressed with codec (gzip or zstd) into path; returns the compressed bytes."""
+    import zstandard
+
+    raw = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    data = gzip.compress(raw) if codec == "gz" else zstandard.ZstdCompressor(level=1).compress(raw)
+    path.write_bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("codec", ["gz", "zst"])
+def test_truncated_compressed_input_is_a_one_line_error_or_a_counted_skip(tmp_path, codec):
+    from dsdm.cli import main
+
+    texts = _texts(3000, words=40)
+    src = tmp_path / f"cut.jsonl.{codec}"
+    data = _compressed(src, texts, codec)
+    src.write_bytes(data[: len(data) * 3 // 4])  # cut a quarter off: past several blocks, mid-stream
+    with pytest.raises(ValueError) as e:
+        build_pool([str(src)], tmp_path / "p1", _cfg())
+    msg = str(e.value)
+    assert str(src) in msg and "truncated" in msg and "after line" in msg and "--on-error skip" in msg
+    assert "\n" not in msg and not (tmp_path / "p1" / "_done.json").exists()
+    out = tmp_path / "p2"
+    args = ["pool", "build", str(src), "--out", str(out), "--tokenizer", "train:300", "--seq-len", "16"]
+    assert main(args + ["--workers", "1"]) == 1
+    assert main(args + ["--workers", "1", "--on-error", "skip"]) == 0
+    m = Pool(out).manifest
+    assert m["skipped"] == {"truncated_file": 1} and m["skipped_examples"]["truncated_file"][0].startswith(str(src))
+    # the documents before the cut are kept, in order, and none after it
+    kept = m["docs"]["read"]
+    assert 0 < kept < len(texts) and m["docs"]["kept"] == kept
+    whole = tmp_path / f"whole.jsonl.{codec}"
+    _compressed(whole, texts[:kept], codec)
+    ref = Pool(build_pool([str(whole)], tmp_path / "ref", _cfg(on_error="skip")))
+    assert (ref.path / "tokens.bin").read_bytes() == (out / "tokens.bin").read_bytes()
