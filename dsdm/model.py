@@ -126,6 +126,10 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(tokens))  # (B, T, V)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, C), before the LM head (dsdm.train's chunked loss applies the head)."""
         B, T = tokens.shape
         if T > self.config.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len={self.config.seq_len}")
@@ -133,7 +137,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(tokens) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        return self.transformer.ln_f(x)
 
 
 def init_weights(model: GPT, seed: int) -> GPT:
