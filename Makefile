@@ -28,7 +28,18 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dsdm tests benchmarks experiments && $(VENV)/bin/ruff format --check dsdm tests
+	$(VENV)/bin/ruff check dsdm tests benchmarks && $(VENV)/bin/ruff format --check dsdm tests
+
+# Every benchmark script at its documented settings, one after another (tables on stdout; docs/benchmarks.md holds the
+# recorded ones). The `bench` extra adds the reference packages (traker, data-selection) and psutil. Long: the dense
+# and traker featurize arms take minutes on a CPU.
+bench: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]" "$(TORCH)"
+	$(PY) benchmarks/signs.py
+	$(PY) benchmarks/models.py
+	$(PY) benchmarks/pool_memory.py
+	$(PY) benchmarks/baselines.py
+	$(PY) benchmarks/featurize.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

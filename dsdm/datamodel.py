@@ -1,4 +1,5 @@
-"""Datamodel scores from projected gradients: TRAK's one-step estimator, averaged over targets (docs/method.md §3.5–3.7).
+"""Datamodel scores from projected gradients: TRAK's one-step estimator, averaged over targets
+(docs/method.md §3.5–3.7).
 
 Per proxy m with pool features G_m (N, k), Gram K_m = G_m^T G_m and Q_m (N,):
 

@@ -24,6 +24,7 @@ from dsdm.common import log, numpy_rng, progress
 from dsdm.io import atomic_path, mark_done, sha256_file, write_json
 from dsdm.sources import SOURCES, TASK_PACKAGES, families
 from dsdm.sources.dictd import devil_definitions
+from dsdm.tasks import check_text
 
 
 @dataclass
@@ -277,6 +278,8 @@ def write_tasks(tasks: dict, out: Path) -> list[Path]:
                 {k: v for k, v in r.items() if not k.startswith("_")} | {"split": split} for r in tasks[name][split]
             ]
             path = out / "tasks" / name / f"{split}.jsonl"
+            for lineno, r in enumerate(rows, 1):  # refuse to write what `dsdm tasks check` would reject
+                check_text([r["context"], r["continuation"], *r.get("choices", ())], f"{path}:{lineno}")
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
             paths.append(path)

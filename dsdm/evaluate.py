@@ -1,4 +1,5 @@
-"""Evaluate a language model on tasks: continuation log-probability, greedy accuracy, multiple choice (docs/method.md §6).
+"""Evaluate a language model on tasks: continuation log-probability, greedy accuracy, multiple choice
+(docs/method.md §6).
 
 Per example (context c, continuation y = y_1..y_m), with the context and continuation tokenized separately
 (dsdm.tasks.encode_example, the lm-eval convention):

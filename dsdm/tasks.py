@@ -12,7 +12,10 @@ continuation, e.g. context "Paris is the capital of", continuation " France".
 A task on disk is one of:
     TASK_DIR/                 with target.jsonl and holdout.jsonl (and optionally task.json: name, description, ...)
     FILE.jsonl                one file whose rows carry a `split` field
-    TARGET.jsonl,HOLDOUT.jsonl  two files, comma-separated
+    TARGET.jsonl,HOLDOUT.jsonl  two files, comma-separated; named after the files' common stem
+                              (qa.target.jsonl,qa.holdout.jsonl -> qa), else their folder's name
+and any of these behind `name=NAME:` is named NAME (name=qa:t.jsonl,h.jsonl). Task text may hold TAB and LF but no
+other control character (C0, DEL, C1): sources' overstrike and BEL are decoded or dropped when tasks are built.
 The same loader and the same encoder (`encode_examples`) feed both featurization (targets) and evaluation
 (holdouts), so the two cannot drift apart.
 """
@@ -20,6 +23,7 @@ The same loader and the same encoder (`encode_examples`) feed both featurization
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +93,24 @@ def parse_example(row: Any, where: str) -> tuple[TaskExample, str | None]:
         raise ValueError(f"{where}: the continuation (or text) is empty; nothing would be scored")
     if choices is not None and continuation != choices[answer]:
         raise ValueError(f"{where}: 'continuation' differs from choices[answer]")
+    check_text([context, continuation, *(choices or ())], where)
     return TaskExample(context, continuation, choices, answer, str(row.get("id", where))), split
+
+
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+"""Characters task text may not hold: C0 controls except TAB and LF, DEL, C1 controls (same set as
+dsdm.sources.text.CONTROL_CHARS, which the builders use to clean)."""
+
+
+def check_text(texts: list[str], where: str) -> None:
+    """Raise ValueError naming `where` ('file:line') if any text holds a control character."""
+    for text in texts:
+        m = CONTROL_CHARS.search(text)
+        if m:
+            raise ValueError(
+                f"{where}: control character {m.group()!r} in task text ...{text[max(0, m.start() - 20) : m.end()]!r}; "
+                "decode or remove it (dsdm.sources.text.clean_control decodes overstrike and drops the rest)"
+            )
 
 
 def read_examples(path: str | Path) -> list[tuple[TaskExample, str | None]]:
@@ -112,14 +133,56 @@ def read_examples(path: str | Path) -> list[tuple[TaskExample, str | None]]:
     return out
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def parse_spec(spec: str | Path) -> tuple[str | None, list[str]]:
+    """'name=qa:t.jsonl,h.jsonl' -> ('qa', ['t.jsonl', 'h.jsonl']); 'DIR' -> (None, ['DIR'])."""
+    spec, name = str(spec), None
+    if spec.startswith("name="):
+        name, sep, spec = spec[len("name=") :].partition(":")
+        if not sep or not _NAME.fullmatch(name) or not spec:
+            raise ValueError(
+                f"task spec name={name}{sep}{spec}: write name=NAME:SPEC with NAME of letters, digits, '.', '_', '-'"
+            )
+    return name, spec.split(",", 1) if "," in spec else [spec]
+
+
+def resolve_spec(spec: str | Path, base: Path) -> str:
+    """The same spec with each relative path made relative to `base` (the name= prefix kept)."""
+    name, paths = parse_spec(spec)
+    joined = ",".join(str(p if Path(p).is_absolute() else base / p) for p in paths)
+    return f"name={name}:{joined}" if name else joined
+
+
+def pair_name(target_path: str, holdout_path: str) -> str:
+    """Name of a 'T.jsonl,H.jsonl' task: the stems' common prefix in whole words ('qa.target', 'qa.holdout' ->
+    'qa'), else the name of the folder holding both, else the target file's stem."""
+    a, b = (re.split(r"([._-])", Path(p).stem) for p in (target_path, holdout_path))
+    common = []
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        common.append(x)
+    while common and (common[-1] in ("", ".", "_", "-")):
+        common.pop()
+    if common:
+        return "".join(common)
+    folder = Path(target_path).resolve().parent
+    return folder.name if folder == Path(holdout_path).resolve().parent and folder.name else Path(target_path).stem
+
+
 def load_task(spec: str | Path, name: str | None = None) -> Task:
-    """Load a task from a directory, one JSONL with a split field, or 'TARGET.jsonl,HOLDOUT.jsonl'."""
-    spec = str(spec)
+    """Load a task from a directory, one JSONL with a split field, or 'TARGET.jsonl,HOLDOUT.jsonl', optionally
+    behind 'name=NAME:' (see the module docstring); `name` overrides every other naming."""
+    spec_name, paths = parse_spec(spec)
+    name = name or spec_name
+    spec = paths[0] if len(paths) == 1 else str(spec)
     info: dict[str, Any] = {}
-    if "," in spec:
-        target_path, holdout_path = spec.split(",", 1)
+    if len(paths) == 2:
+        target_path, holdout_path = paths
         pairs = {"target": read_examples(target_path), "holdout": read_examples(holdout_path)}
-        default_name = Path(target_path).stem
+        default_name = pair_name(target_path, holdout_path)
     elif Path(spec).is_dir():
         d = Path(spec)
         if (d / "task.json").exists():

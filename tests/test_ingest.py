@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dsdm.ingest import PoolBuildConfig, build_pool
-from dsdm.readers import expand_inputs
 from dsdm.pool import Pool
+from dsdm.readers import expand_inputs
 from dsdm.tokenizer import EOS_TOKEN, load_tokenizer
 
 WORDS = "the cat sat on a mat while dogs ran far away from home under grey skies".split()

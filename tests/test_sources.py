@@ -210,11 +210,14 @@ def test_austen_chapters_and_r_records():
 def test_quiz_capitals(tmp_path):
     base = tmp_path / "usr/share/games/bsdgames/quiz"
     write(base / "europe", "France:Paris\n{The }Netherlands|Holland:Amsterdam|The Hague\n# comment\n")
-    for name in ("africa", "america", "asia"):
+    # real bsdgames lines: overstrike accents inside [alternatives], nested {optional} parts
+    write(base / "africa", "C[^\bo|o\b^|o]te d'Ivoire:Yamoussoukro\nCentral Africa{n Rep{ublic}}:Bangui\n")
+    for name in ("america", "asia"):
         write(base / name, "Ghana:Accra\n")
     pairs = debian_docs.quiz_pairs([tmp_path])
-    assert {"country": "Netherlands", "capital": "Amsterdam", "region": "europe"} in pairs
-    assert len(pairs) == 5
+    assert {"country": "The Netherlands", "capital": "Amsterdam", "region": "europe"} in pairs
+    assert [p["country"] for p in pairs if p["region"] == "africa"] == ["Côte d'Ivoire", "Central African Republic"]
+    assert len(pairs) == 6
 
 
 # ---- dictd dictionaries and WordNet ------------------------------------------------------------------------------

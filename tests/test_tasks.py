@@ -130,3 +130,90 @@ def test_cli_tasks_check_and_check_leak(pools, capsys):
     assert main(["tasks", "check-leak", "--pool", str(packed.path), spec]) == 1
     assert " 1  a" in capsys.readouterr().out
     assert main(["tasks", "check-leak", "--pool", str(clean.path), spec]) == 0
+
+
+# ---- task text: overstrike decoding, control characters refused -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw,clean",
+    [
+        ("Yaound'\be", "Yaoundé"),  # acute struck over a letter (bsdgames quiz)
+        ("C^\bote d'Ivoire", "Côte d'Ivoire"),
+        ("S~\bao Tom'\be", "São Tomé"),
+        ("\u00b0\bAland", "Åland"),
+        ("it's *____\b\b\b\bonly* ones", "it's *only* ones"),  # underline (fortunes)
+        ("b\bbo\bol\bld\bd", "bold"),  # bold
+        ("VAX-NAP. logout\x07", "VAX-NAP. logout"),  # BEL dropped
+        ("\x1b[1mX", "[1mX"),  # ESC dropped (cannot be decoded)
+        ("tab\tand\nnewline", "tab\tand\nnewline"),  # kept
+    ],
+)
+def test_clean_control_decodes_overstrike(raw, clean):
+    from dsdm.sources.text import clean_control
+
+    assert clean_control(raw) == clean
+
+
+@pytest.mark.parametrize("bad", ["\x07", "\b", "\x1b", "\x7f", "\x85", "\r"])
+def test_control_characters_in_task_text_are_refused_naming_file_and_line(tmp_path, bad, capsys):
+    from dsdm.cli import main
+
+    good = {"context": "a", "continuation": " b"}
+    _write(tmp_path / "t" / "target.jsonl", [good, good])
+    _write(
+        tmp_path / "t" / "holdout.jsonl", [good, {"context": "Q: capital of C[^" + bad + "o?", "continuation": " x"}]
+    )
+    with pytest.raises(ValueError, match=r"holdout.jsonl:2: control character"):
+        load_task(str(tmp_path / "t"))
+    assert main(["tasks", "check", str(tmp_path / "t")]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "holdout.jsonl:2: control character" in out[-1] and len(out) == 2  # header + one error line
+
+
+def test_demo_builder_refuses_control_characters(tmp_path):
+    from dsdm.demo_data import write_tasks
+
+    row = {"context": "Calm down, it's *____\b\b\b\bonly* ones", "continuation": " and zeroes.", "_key": ""}
+    tasks = {"fortune": {"target": [row], "holdout": [], "info": {}}}
+    with pytest.raises(ValueError, match=r"fortune/target.jsonl:1: control character '\\x08'"):
+        write_tasks(tasks, tmp_path)
+    assert not (tmp_path / "tasks" / "fortune" / "target.jsonl").exists()
+
+
+def test_demo_tasks_hold_no_control_characters():
+    from pathlib import Path
+
+    from dsdm.tasks import CONTROL_CHARS
+
+    demo = Path(__file__).resolve().parents[1] / "data" / "demo" / "tasks"
+    for path in sorted(demo.glob("*/*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():  # control characters are JSON-escaped on disk
+            row = json.loads(line)
+            assert not CONTROL_CHARS.search(row["context"] + row["continuation"] + "".join(row.get("choices", [])))
+    holdout = (demo / "country_capital" / "holdout.jsonl").read_text(encoding="utf-8")
+    target = (demo / "country_capital" / "target.jsonl").read_text(encoding="utf-8")
+    assert all(name in holdout + target for name in ("Côte d'Ivoire", "Yaoundé", "São Tomé"))
+
+
+# ---- task names -------------------------------------------------------------------------------------------------
+
+
+def test_a_file_pair_is_named_after_the_common_stem_or_a_name_prefix(tmp_path):
+    rows = [{"context": "c", "continuation": " y"}]
+    t, h = _write(tmp_path / "qa.target.jsonl", rows), _write(tmp_path / "qa.holdout.jsonl", rows)
+    assert load_task(f"{t},{h}").name == "qa"  # was "qa.target"
+    assert load_task(f"name=trivia:{t},{h}").name == "trivia"
+    assert load_task(f"name=trivia:{t},{h}", name="x").name == "x"
+    d = tmp_path / "squad"
+    assert load_task(f"{_write(d / 'train.jsonl', rows)},{_write(d / 'test.jsonl', rows)}").name == "squad"
+    assert load_task(f"name=dir-task:{_task(tmp_path, 'plain', rows)}").name == "dir-task"
+    with pytest.raises(ValueError, match="name=NAME:SPEC"):
+        load_task(f"name=bad name:{t},{h}")
+
+
+def test_resolve_spec_keeps_the_name_prefix(tmp_path):
+    from dsdm.tasks import resolve_spec
+
+    assert resolve_spec("name=qa:a.jsonl,b.jsonl", tmp_path) == f"name=qa:{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"
+    assert resolve_spec("/abs/dir", tmp_path) == "/abs/dir"

@@ -1,7 +1,7 @@
 """DSIR: data selection with importance resampling on hashed n-grams (Xie et al. 2023, arXiv 2302.03169).
 
-Features (docs/method.md §4, as in `data_selection/hashed_ngram_dsir.py` of p-lambda/dsir): unigrams + bigrams hashed into
-`num_buckets` buckets. p_target and p_raw are the normalised bucket counts of the target and pool text, and
+Features (docs/method.md §4, as in `data_selection/hashed_ngram_dsir.py` of p-lambda/dsir): unigrams + bigrams
+hashed into `num_buckets` buckets. p_target and p_raw are the normalised bucket counts of the target and pool text, and
 
     log w(x) = Σ_b counts_b(x) · [log(p_target,b + 1e-8) − log(p_raw,b + 1e-8)]
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-TASK_SPEC = "a directory with target.jsonl + holdout.jsonl, one JSONL with a split field, or TARGET.jsonl,HOLDOUT.jsonl"
+TASK_SPEC = (
+    "a directory with target.jsonl + holdout.jsonl, one JSONL with a split field, or TARGET.jsonl,HOLDOUT.jsonl "
+    "(named after the two files' common stem: qa.target.jsonl,qa.holdout.jsonl is 'qa'); any of them behind "
+    "name=NAME: takes that name, e.g. name=qa:t.jsonl,h.jsonl"
+)
 
 
 def register(sub) -> None:
@@ -15,7 +19,8 @@ def register(sub) -> None:
         "check",
         help="load and validate tasks, print their sizes",
         description="Loads each TASK (" + TASK_SPEC + "), validates every row (errors name the file and line) and "
-        "prints the split sizes and example kinds. Exits 1 if any task is invalid. Writes nothing.",
+        "prints the split sizes and example kinds. Task text may hold TAB and newline but no other control character. "
+        "Exits 1 if any task is invalid. Writes nothing.",
     )
     c.add_argument("tasks", nargs="+", metavar="TASK")
     c.set_defaults(func=check)

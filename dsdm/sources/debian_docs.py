@@ -14,7 +14,7 @@ import subprocess
 import zlib
 from pathlib import Path
 
-from dsdm.sources.text import clean_ws, doc, html_to_text, strip_roff
+from dsdm.sources.text import clean_control, clean_ws, doc, html_to_text, strip_roff
 
 
 def _files(root: Path, pattern: str) -> list[Path]:
@@ -227,19 +227,42 @@ def austen(roots: list[Path]) -> list[dict]:
     return out
 
 
+def _quiz_form(pattern: str) -> str:
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch in "[{":
+            j, depth = i + 1, 1
+            while j < len(pattern) and depth:
+                depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(pattern[j], 0)
+                j += 1
+            out.append(_quiz_form(pattern[i + 1 : j - 1]))
+            i = j
+            continue
+        if ch == "|":
+            break
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def quiz_form(pattern: str) -> str:
+    """The first full form of a quiz(6) pattern: `a|b` alternatives -> a, `[x|y]` -> x, `{opt}` optional -> opt
+    (kept, so "Central Africa{n Rep{ublic}}" is "Central African Republic"); groups nest. Overstrike accents are
+    decoded ("C[^\\bo|o\\b^|o]te" -> "Côte")."""
+    return clean_control(_quiz_form(pattern)).strip()
+
+
 def quiz_pairs(roots: list[Path], files: tuple[str, ...] = ("africa", "america", "asia", "europe")) -> list[dict]:
-    """bsdgames quiz capitals: lines `country:capital|alt` -> [{country, capital, region}] (first alternative)."""
+    """bsdgames quiz capitals: lines `country:capital` (quiz(6) patterns) -> [{country, capital, region}], each the
+    first full form of its pattern (quiz_form)."""
     base = roots[0] / "usr/share/games/bsdgames/quiz"
     out = []
     for name in files:
         for line in _read(base / name).splitlines():
             if ":" not in line or line.startswith("#"):
                 continue
-            country, capital = line.split(":", 1)
-            pick = [
-                re.sub(r"\[([^|\]]*)\|?[^\]]*\]", r"\1", re.sub(r"\{[^}]*\}", "", x)).strip()
-                for x in (country.split("|")[0], capital.split("|")[0])
-            ]
-            if all(pick) and "\\" not in line:
-                out.append({"country": pick[0], "capital": pick[1], "region": name})
+            country, capital = (quiz_form(x) for x in line.split(":", 1))
+            if country and capital and "\\" not in line:
+                out.append({"country": country, "capital": capital, "region": name})
     return out

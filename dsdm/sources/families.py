@@ -17,6 +17,8 @@ import re
 
 import numpy as np
 
+from dsdm.sources.text import clean_control
+
 STOPWORDS = set(
     "the a an and or but if of to in on at by for with from as is was were be been are it its he she they them his her "
     "their this that these those i you we me my your our not no so do did does have has had will would shall should "
@@ -280,13 +282,18 @@ def multiple_choice(items: list[tuple[str, str, str]], rng: np.random.Generator,
         perm = rng.permutation(len(choices))
         choices = [choices[i] for i in perm]
         idx = choices.index(ans)
+        # overstrike and BEL from the sources are cleaned only now, after every draw from rng, so the cleaning
+        # changes no other task's examples (the draws are shared with the tasks built after this one)
+        clean = clean_control(ctx)
+        ctx, choices = (clean.strip() if clean != ctx else ctx), [clean_control(c) for c in choices]
+        assert len(set(choices)) == len(choices), f"{item_id}: choices {choices} coincide once cleaned"
         out.append(
             {
                 "context": ctx,
                 "continuation": choices[idx],
                 "choices": choices,
                 "answer": idx,
-                "id": item_id,
+                "id": clean_control(item_id),
                 "_key": ctx + choices[idx],
             }
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+import unicodedata
 from html.parser import HTMLParser
 
 
@@ -86,3 +87,62 @@ def detokenize(tokens: list[str]) -> str:
     s = re.sub(r"([(\[{$]) ", r"\1", s)
     s = re.sub(r'" ([^"]*?) "', r'"\1"', s)
     return s
+
+
+# Overstrike (the nroff / line-printer convention X BACKSPACE Y: both glyphs printed in one cell). An accent mark
+# struck over a letter is that accented letter; a letter struck over itself is bold; an underscore struck over a
+# letter is underline. Keys are the marks the Debian sources use (bsdgames quiz, fortunes).
+_OVERSTRIKE_ACCENTS = {
+    "'": "\u0301",  # acute
+    "`": "\u0300",  # grave
+    "^": "\u0302",  # circumflex
+    "~": "\u0303",  # tilde
+    ",": "\u0327",  # cedilla
+    '"': "\u0308",  # diaeresis
+    "°": "\u030a",  # ring above
+}
+_OVERSTRIKE_SLASH = {"o": "ø", "O": "Ø", "l": "ł", "L": "Ł"}
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+"""Control characters that have no place in task or document text: C0 except TAB and LF, DEL, C1."""
+
+
+def _strike(a: str, b: str) -> str:
+    """The character a cell shows when `b` is struck over `a`."""
+    if a == b or b == "_":
+        return a
+    if a == "_":
+        return b
+    for mark, letter in ((a, b), (b, a)):
+        if mark in _OVERSTRIKE_ACCENTS and letter.isalpha():
+            combined = unicodedata.normalize("NFC", letter + _OVERSTRIKE_ACCENTS[mark])
+            if len(combined) == 1:
+                return combined
+        if mark == "/" and letter in _OVERSTRIKE_SLASH:
+            return _OVERSTRIKE_SLASH[letter]
+    return b  # undecodable: keep the glyph struck last
+
+
+def decode_overstrike(text: str) -> str:
+    """Replay backspaces as a line printer would: "'\\be" -> "é", "^\\bo" -> "ô", "____\\b\\b\\b\\bonly" -> "only",
+    "x\\bx" (bold) -> "x". A backspace at the start of a line is dropped."""
+    if "\b" not in text:
+        return text
+    cells: list[str] = []
+    cursor = line_start = 0
+    for ch in text:
+        if ch == "\b":
+            cursor = max(cursor - 1, line_start)
+            continue
+        if cursor < len(cells):
+            cells[cursor] = _strike(cells[cursor], ch)
+        else:
+            cells.append(ch)
+        cursor += 1
+        if ch == "\n":
+            cursor = line_start = len(cells)
+    return "".join(cells)
+
+
+def clean_control(text: str) -> str:
+    """Decode overstrike, then drop every remaining control character (BEL, ESC, ...) except TAB and LF."""
+    return CONTROL_CHARS.sub("", decode_overstrike(text))
