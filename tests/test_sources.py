@@ -445,3 +445,33 @@ def test_data_cli_describe_and_flag_names(capsys):
         main(["data", "build-demo", "--help"])
     usage = capsys.readouterr().out
     assert all(f in usage for f in ("--out", "--cache", "--embedded", "--seed", "--config", "--set", "--force"))
+
+
+def _gensim_dir(tmp_path, newsgroup: bytes):
+    d = tmp_path / "gensim" / "test" / "test_data"
+    write(d / "lee_background.cor", "First article.\n")
+    write(d / "lee.cor", "Second article.\n")
+    write(d / "mini_newsgroup", newsgroup)
+    write(d / "pang_lee_polarity.cor", "good film\n")
+    return d
+
+
+def test_gensim_unreadable_part_is_reported_not_dropped_silently(tmp_path, capsys):
+    d = _gensim_dir(tmp_path, b"not zlib data")
+    docs = wheels.gensim([tmp_path])
+    assert [x["genre"] for x in docs] == ["news", "news", "review"]  # the other parts stand
+    err = capsys.readouterr().err
+    assert "gensim" in err and str(d / "mini_newsgroup") in err and "0 documents" in err and "error" in err
+
+
+def test_gensim_refuses_a_pickle_that_would_run_code(tmp_path, capsys):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    _gensim_dir(tmp_path, zlib.compress(pickle.dumps({"data": [Evil()]}, protocol=2)))
+    docs = wheels.gensim([tmp_path])
+    assert not (tmp_path / "pwned").exists() and len(docs) == 3
+    assert "refusing" in capsys.readouterr().err
