@@ -24,6 +24,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _arms(tp: Any) -> list:
+    """The non-None members of a Union, in order."""
+    return [arm for arm in typing.get_args(tp) if arm is not type(None)]
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; convert dicts to dataclasses, lists to tuples where asked."""
     origin = typing.get_origin(tp)
@@ -40,7 +45,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 return _coerce(arm, value, key)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(f"config key {key!r}: {value!r} matches none of {_type_name(tp)}")
+        if len(errors) == 1:  # X | None: X's own message names the key and the fix
+            raise ValueError(errors[0])
+        reasons = "; ".join(f"as {_type_name(arm)}: {err}" for arm, err in zip(_arms(tp), errors))
+        raise ValueError(f"config key {key!r}: {value!r} matches none of {_type_name(tp)} ({reasons})")
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
             raise ValueError(f"config key {key!r} must be one of {list(typing.get_args(tp))}, got {value!r}")

@@ -58,3 +58,21 @@ def test_overrides_and_yaml_round_trip(tmp_path):
     assert to_dict(again) == to_dict(cfg)
     with pytest.raises(ValueError, match="unknown config key"):
         load_config(Outer, tmp_path / "c.yaml", ["inner.nope=1"])
+
+
+@dataclass
+class WithUnions:
+    sub: Inner | None = None
+    k: int | list[int] = 1
+
+
+def test_union_errors_are_reported_not_dropped():
+    # one arm besides None: its own error (the dotted key and the known keys) is the message
+    with pytest.raises(ValueError) as e:
+        from_dict(WithUnions, {"sub": {"proj_dimm": 3}})
+    assert "unknown config key(s): sub.proj_dimm" in str(e.value) and "sub.proj_dim" in str(e.value)
+    # several arms: why each one failed
+    with pytest.raises(ValueError) as e:
+        from_dict(WithUnions, {"k": [1, "x"]})
+    msg = str(e.value)
+    assert "matches none of" in msg and "must be an integer, got [1, 'x']" in msg and "'k[1]' must be an integer" in msg
