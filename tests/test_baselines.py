@@ -279,3 +279,9 @@ def test_cli_runs_every_method_on_a_tiny_pool(tmp_path):
     args = ["baseline", "random", "--pool", str(pool.path), "--k", "21", "--out", str(tmp_path / "random")]
     assert main(args) == 1
     assert main(["baseline", "dsir", "--pool", str(pool.path), "--k", "5", "--out", str(tmp_path / "x")]) == 1
+
+
+def test_random_refuses_to_run_unseeded():
+    with pytest.raises(ValueError, match="random: no seed"):
+        Random().score(10)
+    assert np.array_equal(Random(seed=3).score(10), Random(seed=3).score(10))

@@ -26,6 +26,8 @@ class Random:
     targeted = False
 
     def fit(self, target_texts=None, pool_sample=None, rng: np.random.Generator | None = None) -> "Random":
+        if rng is None and self.seed is None:  # np.random.default_rng(None) would draw from OS entropy: unrepeatable
+            raise ValueError("random: no seed; set method option seed (e.g. --set seed=0) or pass a seeded rng")
         self.rng_ = rng if rng is not None else np.random.default_rng(self.seed)
         return self
 
