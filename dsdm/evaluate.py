@@ -9,9 +9,17 @@ Per example (context c, continuation y = y_1..y_m), with the context and continu
 - correct = every y_j is the argmax of the model's next-token distribution given c, y_<j. With teacher forcing this
   is exactly "greedy decoding from c reproduces y", so no generation loop is needed. `accuracy` = mean; reported for
   every task, meaningful for short continuations (answers, last words).
-- multiple choice (examples with `choices` + `answer`): each choice is scored as a continuation of the context and
-  the one with the lowest mean NLL is the prediction; `mc_accuracy` = fraction predicted right.
+- multiple choice: every task has a multiple-choice form (dsdm.tasks.mc_examples: the task's own choices, else
+  the answer against distractors drawn from the task, seeded). Each choice is scored as a continuation of the
+  context, as lm-evaluation-harness does: `mc_accuracy` (the reported one) takes the choice with the largest summed
+  log-probability (lm-eval's `acc`); `mc_accuracy_norm` divides each choice's log-probability by its length in
+  characters first (lm-eval's `acc_norm`). `chance` = mean over examples of 1 / number of choices. Both with a
+  percentile-bootstrap CI over examples; ties go to the first choice, as numpy's argmax does in lm-eval.
 Only continuation tokens are ever scored: context tokens, padding and the first position never enter the sums.
+
+Known difference from lm-eval's HF backend: lm-eval feeds max_len tokens and scores up to max_len + 1 of
+context + continuation (the last token is never an input); dsdm keeps max_len tokens, so an example longer than the
+model's context keeps one context token fewer here. Shorter examples score identically (tests/test_evaluate.py).
 """
 
 from __future__ import annotations
@@ -85,30 +93,44 @@ def default_bos_id(tokenizer) -> int:
 
 def evaluate_examples(model, tokenizer, examples, device="cpu", batch_size: int = 32, bos_id: int | None = None):
     """Per-example results for a list of TaskExample. Returns a dict of (n,) arrays: loss (mean NLL per continuation
-    token), correct (greedy exact match), and, where examples have choices, mc_correct (bool; False elsewhere) and
-    has_choices."""
+    token), correct (greedy exact match), has_choices (bool) and, where has_choices (False / nan elsewhere):
+    mc_correct and mc_correct_norm (bool: summed / per-character log-probability picks the answer), n_choices."""
     from dsdm.tasks import encode_examples
 
     bos_id = default_bos_id(tokenizer) if bos_id is None else bos_id
     max_len = model_max_len(model)
     tokens, _, score = encode_examples(tokenizer, examples, max_len, bos_id)
     nll, cnt, ok = continuation_scores(model, tokens, score, device, batch_size)
-    out = {"loss": nll / cnt, "correct": ok}
+    n = len(examples)
     has = np.array([ex.choices is not None for ex in examples])
-    mc = np.zeros(len(examples), dtype=bool)
+    mc, mc_norm, n_choices = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
     if has.any():
-        pairs, owner = [], []
-        for i, ex in enumerate(examples):
-            for c in ex.choices or ():
-                pairs.append((ex, c))
-                owner.append(i)
-        t, _, s = encode_examples(tokenizer, [ex for ex, _ in pairs], max_len, bos_id, [c for _, c in pairs])
-        c_nll, c_cnt, _ = continuation_scores(model, t, s, device, batch_size)
-        c_loss, owner = c_nll / c_cnt, np.asarray(owner)
-        for i in np.flatnonzero(has):
-            mc[i] = int(np.argmin(c_loss[owner == i])) == examples[i].answer  # first of tied minima
-    out.update(mc_correct=mc, has_choices=has)
-    return out
+        # the answer's summed NLL is the main pass's (same tokens); only the other choices are scored again
+        pairs = [
+            (i, j) for i in np.flatnonzero(has) for j in range(len(examples[i].choices)) if j != examples[i].answer
+        ]
+        t, _, s = encode_examples(
+            tokenizer, [examples[i] for i, _ in pairs], max_len, bos_id, [examples[i].choices[j] for i, j in pairs]
+        )
+        wrong_nll, _, _ = continuation_scores(model, t, s, device, batch_size)
+        logp = {i: np.zeros(len(examples[i].choices)) for i in np.flatnonzero(has)}
+        for (i, j), v in zip(pairs, wrong_nll):
+            logp[i][j] = -v
+        for i, lp in logp.items():
+            ex = examples[i]
+            lp[ex.answer] = -nll[i]
+            chars = np.array([float(len(c)) for c in ex.choices])
+            mc[i] = int(np.argmax(lp)) == ex.answer
+            mc_norm[i] = int(np.argmax(lp / chars)) == ex.answer
+            n_choices[i] = len(ex.choices)
+    return {
+        "loss": nll / cnt,
+        "correct": ok,
+        "has_choices": has,
+        "mc_correct": mc,
+        "mc_correct_norm": mc_norm,
+        "n_choices": n_choices,
+    }
 
 
 def evaluate_task(
@@ -122,13 +144,21 @@ def evaluate_task(
     seed: int = 0,
     bos_id: int | None = None,
     n_boot: int = 1000,
+    build_mc: bool = True,
+    mc_seed: int = 0,
 ) -> dict:
     """Metrics of `model` on one split of a dsdm.tasks.Task.
 
-    Returns {task, split, n, loss, loss_ci [lo, hi], accuracy, accuracy_ci, mc_accuracy (None without choices),
-    n_choices_examples, per_example {loss, correct}}. max_examples takes a seeded subsample (same for every model).
+    Returns {task, split, n, loss, loss_ci [lo, hi], accuracy, accuracy_ci, mc_accuracy, mc_ci, mc_accuracy_norm,
+    mc_norm_ci, chance, n_mc, n_choices_examples (= n_mc), per_example {id, loss, correct, mc_correct}}; the mc_*
+    fields and chance are None when no example has choices. Examples without choices get them from
+    dsdm.tasks.mc_examples(task, split, seed=mc_seed) unless build_mc=False (then only the task's own choices count),
+    built on the whole split so that an example's choices do not depend on max_examples; max_examples takes a
+    seeded subsample (the same for every model).
     """
-    examples = task.split(split)
+    from dsdm.tasks import mc_examples
+
+    examples = (mc_examples(task, split, seed=mc_seed) if build_mc else None) or task.split(split)
     if max_examples and len(examples) > max_examples:
         keep = np.sort(np.random.default_rng((seed, 7)).choice(len(examples), max_examples, replace=False))
         examples = [examples[i] for i in keep]
@@ -136,7 +166,9 @@ def evaluate_task(
         raise ValueError(f"task {task.name}: split {split!r} has no examples")
     device = device or next(model.parameters()).device
     r = evaluate_examples(model, tokenizer, examples, device, batch_size, bos_id)
-    mc = r["mc_correct"][r["has_choices"]]
+    has = r["has_choices"]
+    right, right_norm = r["mc_correct"][has].astype(float), r["mc_correct_norm"][has].astype(float)
+    some = bool(has.any())
     return {
         "task": task.name,
         "split": split,
@@ -145,9 +177,19 @@ def evaluate_task(
         "loss_ci": bootstrap_ci(r["loss"], n_boot, seed=seed),
         "accuracy": float(r["correct"].mean()),
         "accuracy_ci": bootstrap_ci(r["correct"].astype(float), n_boot, seed=seed),
-        "mc_accuracy": float(mc.mean()) if mc.size else None,
-        "n_choices_examples": int(mc.size),
-        "per_example": {"id": [ex.id for ex in examples], "loss": r["loss"].tolist(), "correct": r["correct"].tolist()},
+        "mc_accuracy": float(right.mean()) if some else None,
+        "mc_ci": bootstrap_ci(right, n_boot, seed=seed) if some else None,
+        "mc_accuracy_norm": float(right_norm.mean()) if some else None,
+        "mc_norm_ci": bootstrap_ci(right_norm, n_boot, seed=seed) if some else None,
+        "chance": float((1.0 / r["n_choices"][has]).mean()) if some else None,
+        "n_mc": int(has.sum()),
+        "n_choices_examples": int(has.sum()),
+        "per_example": {
+            "id": [ex.id for ex in examples],
+            "loss": r["loss"].tolist(),
+            "correct": r["correct"].tolist(),
+            "mc_correct": [bool(c) if h else None for c, h in zip(r["mc_correct"], has)],
+        },
     }
 
 
@@ -190,7 +232,7 @@ def run(
         task = load_task(spec)
         r = evaluate_task(model, tokenizer, task, split, max_examples or None, batch_size, dev)
         results[task.name] = r
-        mc = "" if r["mc_accuracy"] is None else f"  mc_accuracy {r['mc_accuracy']:.3f}"
+        mc = "" if r["mc_accuracy"] is None else f"  mc_accuracy {r['mc_accuracy']:.3f} (chance {r['chance']:.3f})"
         log(
             f"{task.name} ({split}, n={r['n']}): loss {r['loss']:.4f} [{r['loss_ci'][0]:.4f}, {r['loss_ci'][1]:.4f}]"
             f"  accuracy {r['accuracy']:.3f}{mc}"

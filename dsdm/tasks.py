@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +252,115 @@ def encode_examples(
         mask[i, : ids.shape[0]] = True
         score[i, : ids.shape[0]] = sc
     return tokens, mask, score
+
+
+# -----------------------------------------------------------------------------
+# Multiple-choice form of every task: the right continuation against distractors
+#
+# Tasks whose rows carry `choices` are used as they are. For the others each example gets n_choices - 1
+# distractors, drawn with a generator seeded by (seed, example index), so every model sees the same choices and an
+# example's choices do not depend on which other examples are evaluated:
+#   algorithmic           corrupted answers: one digit of the sum changed; two unequal numbers of the sorted list
+#                         swapped; one letter of the copy changed (answers other examples give would be trivial)
+#   lambada_style, squad_style   other words of the example's own passage, shaped like the answer (capitalized
+#                         if it is; >= 3 letters; not a stop word): the answer is a word of the passage
+#   anything else         other examples' continuations (distinct from the answer)
+# Rows with an empty context ({"text": ...}) have no multiple-choice form.
+
+MC_CHOICES = 4
+
+
+def _from_examples(ex: TaskExample, others: list[str], rng: np.random.Generator, k: int) -> list[str]:
+    """k distinct continuations of other examples (sorted pool `others`), none equal to the answer."""
+    picked: list[str] = []
+    if k <= 0:
+        return picked
+    for j in rng.permutation(len(others)):
+        if others[j] != ex.continuation and others[j] not in picked:
+            picked.append(others[j])
+            if len(picked) == k:
+                break
+    return picked
+
+
+def _from_passage(ex: TaskExample, others: list[str], rng: np.random.Generator, k: int) -> list[str]:
+    """Words of the example's own passage (its last few-shot block) shaped like the answer, topped up from
+    other examples' continuations when the passage has too few."""
+    from dsdm.sources.families import STOPWORDS
+
+    answer = ex.continuation.strip()
+    block = ex.context.split("\n\n")[-1].split("\nQuestion:")[0].removeprefix("Passage:")
+    cands = sorted(
+        {
+            w
+            for w in re.findall(r"[A-Za-z][A-Za-z'-]*[A-Za-z]", block)
+            if len(w) >= 3
+            and w.lower() != answer.lower()
+            and w.lower() not in STOPWORDS
+            and w[0].isupper() == answer[:1].isupper()
+        }
+    )
+    picked = [" " + cands[j] for j in rng.permutation(len(cands))[:k]]
+    return picked + _from_examples(ex, [o for o in others if o not in picked], rng, k - len(picked))
+
+
+def _corrupt_algorithmic(ex: TaskExample, others: list[str], rng: np.random.Generator, k: int) -> list[str]:
+    """Near-miss answers for addition / sorting / copying (see above); other continuations for anything else."""
+    ans = ex.continuation.strip()
+    if ex.context.endswith(" =") and ans.isdigit():
+
+        def corrupt(a: str) -> str:  # one digit changed, never a leading zero
+            i = int(rng.integers(len(a)))
+            digits = [d for d in "0123456789" if d != a[i] and not (i == 0 and d == "0" and len(a) > 1)]
+            return a[:i] + str(rng.choice(digits)) + a[i + 1 :]
+    elif ex.context.startswith(("Sort:", "Copy:")) and len(set(ans.split())) >= 2:
+
+        def corrupt(a: str) -> str:
+            xs = a.split()
+            if ex.context.startswith("Sort:"):  # swap two unequal numbers: same multiset, not sorted
+                i, j = sorted(rng.choice(len(xs), 2, replace=False))
+                while xs[i] == xs[j]:
+                    i, j = sorted(rng.choice(len(xs), 2, replace=False))
+                xs[i], xs[j] = xs[j], xs[i]
+            else:  # one letter changed
+                i = int(rng.integers(len(xs)))
+                xs[i] = str(rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != xs[i]]))
+            return " ".join(xs)
+    else:
+        return _from_examples(ex, others, rng, k)
+    picked: list[str] = []
+    for _ in range(50 * k):  # a short list can have fewer than k near misses
+        c = " " + corrupt(ans)
+        if c != ex.continuation and c not in picked:
+            picked.append(c)
+            if len(picked) == k:
+                break
+    return picked
+
+
+DISTRACTORS = {"algorithmic": _corrupt_algorithmic, "lambada_style": _from_passage, "squad_style": _from_passage}
+"""Task family (task.json `family`) -> distractor builder; other families draw other examples' continuations."""
+
+
+def mc_examples(task: Task, split: str = "holdout", n_choices: int = MC_CHOICES, seed: int = 0):
+    """The split's examples in multiple-choice form: rows with `choices` unchanged, the others given the answer and
+    n_choices - 1 distractors (position of the answer seeded too). Returns None when no example has a
+    multiple-choice form (every row is text-only, or all continuations are equal)."""
+    examples = task.split(split)
+    if all(ex.choices is not None for ex in examples):
+        return list(examples)
+    build = DISTRACTORS.get(task.info.get("family", ""), _from_examples)
+    others = sorted({ex.continuation for ex in examples if ex.context})
+    out = []
+    for i, ex in enumerate(examples):
+        if ex.choices is None and ex.context:
+            rng = np.random.default_rng([seed, i])
+            wrong = build(ex, others, rng, n_choices - 1)
+            if wrong:
+                answer = int(rng.integers(len(wrong) + 1))
+                ex = replace(ex, choices=tuple(wrong[:answer] + [ex.continuation] + wrong[answer:]), answer=answer)
+        out.append(ex)
+    return out if any(ex.choices is not None for ex in out) else None
 
 
 # -----------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def test_evaluator_scores_only_the_continuation():
         TaskExample("b", "c", choices=("d", "c", "a"), answer=1, id="x3"),
         TaskExample("c", "a", choices=("a", "b"), answer=1, id="x4"),  # choice a is likelier: wrong
     ]
-    r = evaluate_task(model, tok, Task("toy", exs, exs), split="holdout", batch_size=2)
+    r = evaluate_task(model, tok, Task("toy", exs, exs), split="holdout", batch_size=2, build_mc=False)
     gold = [-math.log(0.5), -math.log(0.2), -(math.log(0.6) + math.log(0.5) + math.log(0.7)) / 3]
     gold += [-math.log(0.5), -math.log(0.7)]
     np.testing.assert_allclose(r["per_example"]["loss"], gold, rtol=1e-6)  # float32 logits

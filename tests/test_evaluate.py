@@ -1,0 +1,117 @@
+"""Evaluation (dsdm.evaluate) and the multiple-choice form of tasks (dsdm.tasks.mc_examples): golden values from a
+hand-built bigram model (summed vs per-character log-probability, chance, CIs), seeded deterministic distractors
+for every task family, and no multiple-choice form for text-only tasks.
+
+Run: pytest tests/test_evaluate.py
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dsdm.evaluate import evaluate_task
+from dsdm.model import GPTConfig
+from dsdm.tasks import MC_CHOICES, Task, TaskExample, load_task, mc_examples
+
+
+class Bigram(nn.Module):
+    """logits[b, t] = log P(. | tokens[b, t]) from a fixed table: golden log-probabilities are sums of entries."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.logp = nn.Parameter(torch.log(torch.as_tensor(table, dtype=torch.float64)), requires_grad=False)
+        self.config = GPTConfig(vocab_size=len(table), seq_len=64, n_layer=1, n_head=1, d_model=1)
+
+    def forward(self, tokens):
+        return self.logp[tokens]
+
+
+def word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+WORDS = ["<|endoftext|>", "<unk>", "a", "b", "c", "d"]
+TABLE = np.full((6, 6), 0.1)
+TABLE[2] = [0.05, 0.05, 0.1, 0.6, 0.1, 0.1]  # after a: b likely
+TABLE[3] = [0.05, 0.05, 0.1, 0.1, 0.5, 0.2]  # after b: c likely, then d
+TABLE[4] = [0.05, 0.05, 0.7, 0.1, 0.05, 0.05]  # after c: a likely
+
+
+def test_mc_accuracy_summed_and_per_character_golden_values():
+    exs = [
+        # summed: " c" (log .1 = -2.30) beats the long answer (2 (log .6 + log .5 + log .7) = -3.12);
+        # per character the answer wins (-3.12 / 12 = -0.26 against -2.30 / 2 = -1.15)
+        TaskExample("a", " b c a b c a", choices=(" c", " b c a b c a"), answer=1, id="long"),
+        TaskExample("b", " c", choices=(" d", " c", " a"), answer=1, id="right"),  # .2 / .5 / .1
+        TaskExample("c", " b", choices=(" a", " b"), answer=1, id="wrong"),  # .7 against .1
+    ]
+    r = evaluate_task(Bigram(TABLE), word_tokenizer(WORDS), Task("toy", exs, exs), batch_size=2)
+    assert r["mc_accuracy"] == pytest.approx(1 / 3) and r["mc_accuracy_norm"] == pytest.approx(2 / 3)
+    assert r["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3) and r["n_mc"] == 3
+    assert r["per_example"]["mc_correct"] == [False, True, False]
+    assert r["mc_ci"][0] <= r["mc_accuracy"] <= r["mc_ci"][1] and r["mc_ci"][0] < r["mc_ci"][1]
+    gold_loss = [-2 * (math.log(0.6) + math.log(0.5) + math.log(0.7)) / 6, -math.log(0.5), -math.log(0.1)]
+    np.testing.assert_allclose(r["per_example"]["loss"], gold_loss, rtol=1e-6)
+
+
+def test_a_task_without_choices_gets_a_seeded_multiple_choice_form():
+    pairs = [("a", "b"), ("b", "c"), ("c", "a"), ("a", "d"), ("b", "b")]
+    exs = [TaskExample(c, " " + y, id=f"x{i}") for i, (c, y) in enumerate(pairs)]
+    task = Task("plain", exs[:2], exs)
+    r = evaluate_task(Bigram(TABLE), word_tokenizer(WORDS), task)
+    assert r["n_mc"] == 5 and r["chance"] == pytest.approx(1 / MC_CHOICES)
+    # the greedy answers: b after a (right), c after b (right), a after c (right), b after a (d wrong), c after b
+    assert r["per_example"]["correct"] == [True, True, True, False, False]
+    # the choices are the 4 distinct continuations; the bigram's argmax decides: right exactly where greedy is
+    assert r["per_example"]["mc_correct"] == [True, True, True, False, False]
+    assert evaluate_task(Bigram(TABLE), word_tokenizer(WORDS), task, build_mc=False)["mc_accuracy"] is None
+
+
+def test_mc_examples_are_deterministic_distinct_and_keep_given_choices():
+    exs = [TaskExample(f"q{i}", f" answer {i % 7}", id=str(i)) for i in range(40)]
+    given = TaskExample("q", " yes", choices=(" no", " yes"), answer=1, id="given")
+    task = Task("t", exs, exs + [given])
+    a, b = mc_examples(task), mc_examples(task)
+    assert a == b and a != mc_examples(task, seed=1)
+    assert a[-1] == given
+    positions = set()
+    for ex in a[:-1]:
+        assert len(ex.choices) == MC_CHOICES and len(set(ex.choices)) == MC_CHOICES
+        assert ex.choices[ex.answer] == ex.continuation
+        positions.add(ex.answer)
+    assert positions == set(range(MC_CHOICES))  # the answer's position is drawn too
+    text_only = Task("lm", [TaskExample("", "some text")], [TaskExample("", "more text"), TaskExample("", "x")])
+    assert mc_examples(text_only) is None
+    same = Task("same", exs[:1], [TaskExample("q", " a"), TaskExample("r", " a")])
+    assert mc_examples(same) is None  # no distractor exists
+
+
+def test_algorithmic_distractors_are_near_misses():
+    task = load_task("data/demo/tasks/algorithmic")
+    for ex in mc_examples(task)[:60]:
+        wrong = [c for i, c in enumerate(ex.choices) if i != ex.answer]
+        assert len(wrong) == MC_CHOICES - 1
+        for c in wrong:
+            if ex.context.startswith("Sort:"):  # same numbers, not sorted
+                assert sorted(c.split(), key=int) == sorted(ex.continuation.split(), key=int)
+            elif ex.context.startswith("Copy:"):  # one letter differs
+                assert sum(x != y for x, y in zip(c.split(), ex.continuation.split())) == 1
+            else:  # one digit differs, same length
+                assert len(c) == len(ex.continuation) and sum(x != y for x, y in zip(c, ex.continuation)) == 1
+
+
+@pytest.mark.parametrize("name", ["lambada_style", "squad_style", "jeopardy_style"])
+def test_passage_and_example_distractors(name):
+    task = load_task(f"data/demo/tasks/{name}")
+    examples = mc_examples(task)
+    assert all(ex.choices is not None and len(set(ex.choices)) == MC_CHOICES for ex in examples)
+    if name == "lambada_style":  # distractors are words of the passage, like the answer
+        ex = examples[0]
+        assert all(c.strip() in ex.context for c in ex.choices)
