@@ -41,12 +41,38 @@ def solve(gram: np.ndarray, gbar: np.ndarray, ridge: float) -> np.ndarray:
     return torch.cholesky_solve(torch.as_tensor(np.asarray(gbar), dtype=torch.float64), L).numpy()
 
 
-def stream_scores(features: np.ndarray, W: np.ndarray, block: int = 65536) -> np.ndarray:
-    """U = features @ W, reading `block` rows at a time (a memmap is never loaded whole). (N, k), (k, T) -> (N, T)."""
+def stream_scores(features: np.ndarray, W: np.ndarray, block: int = 65536, device=None) -> np.ndarray:
+    """U = features @ W, reading `block` rows at a time (a memmap is never loaded whole). (N, k), (k, T) -> (N, T).
+
+    All T targets (every task of every target of a run) share one pass over the store. On a GPU (`device` cuda)
+    the blocks are read ahead by a thread, pinned, copied non_blocking and multiplied in float64 on the device;
+    on CPU (device None or cpu) numpy float64, as always."""
     n = features.shape[0]
     out = np.empty((n, W.shape[1]), dtype=np.float64)
-    for start in range(0, n, block):
-        out[start : start + block] = np.asarray(features[start : start + block], dtype=np.float64) @ W
+    if device is None or torch.device(device).type == "cpu":
+        for start in range(0, n, block):
+            out[start : start + block] = np.asarray(features[start : start + block], dtype=np.float64) @ W
+        return out
+    from dsdm.train import prefetch
+
+    device = torch.device(device)
+    w = torch.as_tensor(np.asarray(W), dtype=torch.float64, device=device)
+
+    def blocks():
+        for start in range(0, n, block):
+            yield start, torch.from_numpy(np.ascontiguousarray(features[start : start + block])).pin_memory()
+
+    pending = []  # (start, device result): copied back one block late, so the GPU never waits for the host
+    for start, rows in prefetch(blocks(), 2):
+        u = rows.to(device, non_blocking=True).double() @ w
+        pending.append((start, u.to("cpu", non_blocking=True)))
+        if len(pending) > 1:
+            s0, host = pending.pop(0)
+            torch.cuda.synchronize(device)
+            out[s0 : s0 + host.shape[0]] = host.numpy()
+    torch.cuda.synchronize(device)
+    for s0, host in pending:
+        out[s0 : s0 + host.shape[0]] = host.numpy()
     return out
 
 
@@ -96,8 +122,9 @@ class ScoreConfig:
             raise ValueError(f"block must be positive, got {self.block}")
 
 
-def load_features(features_dir: Path) -> tuple[dict, list[Path]]:
-    """The featurize run's manifest and its finished per-proxy stores, in proxy order."""
+def load_features(features_dir: Path, device=None) -> tuple[dict, list[Path]]:
+    """The featurize run's manifest and its finished per-proxy stores, in proxy order. With `device`: refuses a
+    store whose i.i.d. projection came from another device's generator (FeaturizeConfig.dense_rng)."""
     from dsdm.featurize import SKETCH_VERSION
     from dsdm.io import DONE_FILE, read_json
 
@@ -111,6 +138,16 @@ def load_features(features_dir: Path) -> tuple[dict, list[Path]]:
             f"projects with version {SKETCH_VERSION} (a different random projection): its scores would be wrong. "
             f"Re-run `dsdm featurize --force --out {features_dir}`."
         )
+    if manifest.get("projection_rng") and device is not None:
+        from dsdm.sketch import projection_rng
+
+        here = projection_rng("device", device)
+        if manifest["projection_rng"] != here:
+            raise ValueError(
+                f"{features_dir} was featurized with the i.i.d. projection drawn by {manifest['projection_rng']}; "
+                f"scoring here would draw it with {here} (another matrix). Score on that device (--device), or "
+                f"re-featurize with featurize.dense_rng=pcg64 (the same matrix everywhere)."
+            )
     stores = [features_dir / f"proxy_{m}" for m in range(manifest["num_proxies"])]
     unfinished = [str(s) for s in stores if not (s / DONE_FILE).exists()]
     if unfinished:
@@ -130,12 +167,12 @@ def score_tasks_per_proxy(
     """Per proxy m: the kernel term u_m (N, T) float64 and Q_m (N,) (ones if not cfg.use_q), and the task names.
     `ensemble(us, qs)` gives the scores; validate-lds also ensembles the first m proxies to see the effect of M."""
     from dsdm.common import log
-    from dsdm.featurize import FeaturizeConfig, make_sketch
+    from dsdm.featurize import FeaturizeConfig, build_sketch
     from dsdm.model import load_model
     from dsdm.pool import Pool
     from dsdm.tasks import encode_examples, load_task
 
-    manifest, stores = load_features(features_dir)
+    manifest, stores = load_features(features_dir, device)
     fcfg = FeaturizeConfig(**{**manifest["featurize"], "device": "cpu"})
     pool = Pool(manifest["pool"])
     tasks = [load_task(spec) for spec in task_specs]
@@ -143,18 +180,30 @@ def score_tasks_per_proxy(
     us, qs = [], []
     for m, store in enumerate(stores):
         model = load_model(manifest["proxies"][m]).to(device)
-        sketch = make_sketch(
-            model, fcfg.projector, fcfg.proj_dim, fcfg.seed, m, device, fcfg.dense_params, fcfg.dense_projection
-        )
+        sketch = build_sketch(model, fcfg, m, device)
         gbar = np.stack(
             [mean_target_features(sketch, tok, sc, device, cfg.target_batch_size) for tok, _, sc in encoded], 1
         )  # (k, T)
         W = solve(np.load(store / "gram.npy"), gbar, cfg.ridge)
-        us.append(stream_scores(np.load(store / "features.npy", mmap_mode="r"), W, cfg.block))
+        us.append(stream_scores(np.load(store / "features.npy", mmap_mode="r"), W, cfg.block, device))
         q = np.load(store / "q.npy")
         qs.append(q if cfg.use_q else np.ones_like(q))
         log(f"proxy {m}: scored {len(tasks)} task(s), |W| = {np.abs(W).mean():.3g}")
     return us, qs, [t.name for t in tasks]
+
+
+def score_targets(
+    features_dir: Path, targets: dict[str, list[str]], cfg: ScoreConfig, device
+) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """score_tasks for several targets (name -> task specs) with ONE pass over each proxy's store: the distinct
+    tasks of all targets are scored together (W has one column per task) and split per target afterwards.
+    -> {name: (per-task scores (N, T_name) float64, task names)}."""
+    specs = list(dict.fromkeys(str(s) for specs in targets.values() for s in specs))  # distinct, in order
+    per_task, names = score_tasks(Path(features_dir), specs, cfg, device)
+    return {
+        name: (per_task[:, [specs.index(str(s)) for s in tspecs]], [names[specs.index(str(s))] for s in tspecs])
+        for name, tspecs in targets.items()
+    }
 
 
 def run(features_dir: str | Path, task_specs: list[str], out: str | Path, cfg: ScoreConfig, device) -> Path:

@@ -1,32 +1,17 @@
-"""Featurize: projected per-example gradients of a proxy LM (TRAK, Park et al. 2023, §3; docs/method.md §3.2–3.7).
+"""Featurize: the feature store of projected per-example gradients, one directory per proxy, filled shard by shard
+(TRAK, Park et al. 2023, §3; docs/method.md §3.2–3.7). The sketches themselves (output function, dense / SRHT /
+factorized projectors) live in dsdm.sketch and are re-exported here for existing callers.
 
-For proxy m and sequence z we keep g_m(z) = P_m^T grad f(z; theta_m) / sqrt(k) in R^k, where f is the mean per-token
-margin log(p/(1-p)) over the scored positions (docs/method.md §3.2) and Q(z) = mean over the same positions of (1 - p)
-(the out-to-loss term, §3.3). Two projectors:
-
-* ``dense``: exact TRAK. Per-example gradients of every parameter with torch.func (vmap over grad), multiplied by a
-  Rademacher matrix P (p x k, entries ±1) regenerated block by block from (seed, proxy, parameter, block) on the CPU,
-  never stored; CPU and GPU see the same matrix. The reference; its cost is dominated by regenerating P. With
-  ``dense_projection="srht"`` the same exact gradients go through a subsampled randomized Hadamard transform instead
-  (P = D H[:, S], also ±1 entries), O(p log p) per example rather than p x k random signs per batch.
-* ``factorized`` (default): LoGra-style Kronecker sketch per ``nn.Linear``. For y = x W^T + b with per-token inputs
-  x_t and output gradients delta_t the weight gradient is G = sum_t delta_t x_t^T, and with independent Rademacher
-  P_out (k_o x d_out), P_in (k_i x d_in), P_out G P_in^T = sum_t (P_out delta_t)(P_in x_t)^T. Inputs are projected in
-  a forward hook, output gradients in a tensor hook, from ONE backward of sum_b f_b (examples are independent, so the
-  per-token delta of example b is its own). No weight gradient is ever formed (parameters are frozen; the gradient
-  flows from the embedding outputs). The bias is covered by appending a constant 1 to x.
-  Covered: the weight and bias of every nn.Linear, including the LM head (a Linear d_model -> V; when tied to the
-  token embedding only its output-side use is covered). Not covered: embedding lookups (token, position), LayerNorm.
-
-Scaling: both projectors divide by sqrt(k) (per factor: sqrt(k_o) and sqrt(k_i)), so <g(a), g(b)> is an unbiased
-estimate of <grad f(a), grad f(b)>. docs/method.md §3.4 writes 1/sqrt(p) (traker); with a relative ridge (datamodel.py)
-the scores do not depend on this constant at all.
+A store holds features.npy (N, dim) float16/32, q.npy (N,), done.npy (N,) and, per finished shard, its Gram
+shards/gram_<a>_<b>.npy (float64), reduced in a fixed order into gram.npy. The Gram is of exactly the stored
+(rounded) features. On CPU it is summed in float64 with numpy, as always; on a GPU it is accumulated on the device
+(gram="float64": float64 addmm; gram="float32": a float32 sum per shard added into the float64 total, faster on GPUs
+with slow float64; its error against the all-float64 sum is measured in docs/benchmarks.md and bounded in
+tests/test_featurize.py). batch_size = 0 picks the batch from free GPU memory (16 on CPU).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -34,414 +19,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.func import functional_call, grad, vmap
 
-# -----------------------------------------------------------------------------
-# Output function (docs/method.md §3.2, §3.3)
-
-
-class _Margin(torch.autograd.Function):
-    """m = logit_y - logsumexp_{v != y} logit_v over the last dim, with the backward written out.
-
-    Forward: the same ops as the plain autograd version. Backward: bitwise the gradient autograd builds (its gather and
-    scatter branches add exact zeros), in 3 passes over (B, T, V) instead of ~9 (no zero-filled gather/scatter
-    gradients to allocate and sum). Plain autograd only: it has no torch.func (vmap) rule, so the dense projector
-    keeps the plain version.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target):  # logits (..., V) float, target (..., 1) int64
-        correct = logits.gather(-1, target).squeeze(-1)
-        others = logits.scatter(-1, target, float("-inf"))
-        lse = others.logsumexp(-1)
-        ctx.save_for_backward(others, lse, target)
-        return correct - lse
-
-    @staticmethod
-    def backward(ctx, gm):
-        others, lse, target = ctx.saved_tensors
-        g = (others - lse.unsqueeze(-1)).exp_().mul_((-gm).unsqueeze(-1))  # logsumexp's backward; 0 at the target
-        return g.scatter_(-1, target, gm.unsqueeze(-1)), None  # gather's backward: gm at the target
-
-
-def margins_and_probs(
-    logits: torch.Tensor, tokens: torch.Tensor, fast_backward: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position margin m_t = logit_y - logsumexp_{v != y} logit_v and p_t, predicting tokens[:, 1:].
-
-    logits (B, T, V) from tokens (B, T) -> margins (B, T-1), probs (B, T-1), float32. Never through log(1 - p).
-    fast_backward: same numbers, cheaper backward (_Margin; not under torch.func transforms). It also scores the last
-    position (against a dummy target) and drops it afterwards, so no (B, T-1, V) slice needs a zero-filled gradient.
-    """
-    if fast_backward:
-        target = torch.cat([tokens[:, 1:], tokens[:, :1]], 1)[..., None]  # (B, T, 1); the last one is a dummy
-        margin = _Margin.apply(logits.float(), target)[:, :-1]  # (B, T-1)
-        return margin, torch.sigmoid(margin)
-    logits = logits[:, :-1].float()  # (B, T-1, V)
-    target = tokens[:, 1:, None]  # (B, T-1, 1)
-    correct = logits.gather(-1, target).squeeze(-1)  # (B, T-1)
-    others = logits.scatter(-1, target, float("-inf")).logsumexp(-1)  # (B, T-1)
-    margin = correct - others
-    prob = torch.sigmoid(margin)  # p = e^m / (1 + e^m) exactly, since m = log(p / (1 - p))
-    return margin, prob
-
-
-def output_and_q(
-    logits: torch.Tensor, tokens: torch.Tensor, score: torch.Tensor, fast_backward: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """f = mean margin and Q = mean (1 - p) over scored positions. score (B, T) bool marks scored TOKENS (t >= 1).
-
-    Returns f (B,) (differentiable) and Q (B,) (detached). fast_backward: see margins_and_probs.
-    """
-    margin, prob = margins_and_probs(logits, tokens, fast_backward)
-    w = score[:, 1:].to(margin.dtype)  # token t is predicted at position t-1
-    n = w.sum(1).clamp_min(1.0)
-    f = (margin * w).sum(1) / n
-    q = ((1.0 - prob.detach()) * w).sum(1) / n
-    return f, q
-
-
-def pool_score_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Pool examples score every real next-token position: mask (B, T) with position 0 cleared."""
-    score = mask.clone()
-    score[:, 0] = False
-    return score
-
-
-# -----------------------------------------------------------------------------
-# Seeded Rademacher blocks, generated on the CPU (device-independent) and never stored
-
-
-def _block_seed(*keys: object) -> int:
-    """A 63-bit seed from any tuple of keys (sha256): independent streams per (seed, proxy, tensor, block)."""
-    digest = hashlib.sha256(repr(keys).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-# Version of the projection's random numbers. Scoring regenerates the sketch to project target gradients, so pool
-# features made with another version would be compared in a different random basis: silently wrong scores.
-# 1: torch.randint signs (until 2026-11-23); 2: PCG64 bytes -> 8 signs each (rademacher below).
-SKETCH_VERSION = 2
-
-# Row b = the 8 bits of byte b, MSB first, as ±1: one random byte gives 8 signs through one table lookup.
-_SIGN_TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1
-
-
-def rademacher(rows: int, cols: int, *keys: object) -> torch.Tensor:
-    """(rows, cols) float32 matrix of ±1 from a CPU generator seeded by `keys`: the same numbers on every device.
-
-    Each sign is one bit of numpy's PCG64 byte stream (bit 1 -> +1, MSB first, row-major). Regenerating p x k signs
-    is the dense projector's main cost; this runs ~3x faster than torch.randint on one CPU thread
-    (docs/benchmarks.md "Featurize").
-    """
-    n = rows * cols
-    stream = np.random.Generator(np.random.PCG64(_block_seed(*keys))).bytes((n + 7) // 8)
-    signs = _SIGN_TABLE[np.frombuffer(stream, dtype=np.uint8)].reshape(-1)[:n]
-    return torch.from_numpy(signs.reshape(rows, cols))
-
-
-# -----------------------------------------------------------------------------
-# Dense projector: exact per-example gradients (torch.func) times a blockwise Rademacher matrix
-
-
-DENSE_PROJECTIONS = ("rademacher", "srht")
-
-
-def dense_params(model: nn.Module, which: str = "all") -> dict[str, torch.Tensor]:
-    """Parameters the dense projector differentiates: 'all', or 'linear' (nn.Linear weights and biases only)."""
-    if which == "all":
-        return {n: p.detach() for n, p in model.named_parameters()}
-    if which != "linear":
-        raise ValueError(f"dense parameter set must be 'all' or 'linear', got {which!r}")
-    out = {}
-    for mname, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            for pname, p in mod.named_parameters(recurse=False):
-                out[f"{mname}.{pname}" if mname else pname] = p.detach()
-    return out
-
-
-def per_example_grads(model: nn.Module, params: dict, tokens: torch.Tensor, score: torch.Tensor) -> dict:
-    """Per-example gradients of f (mean margin). tokens, score: (B, T). Returns {name: (B, *param.shape)}.
-
-    Needs an attention path with a vmap batching rule (eager attention on CPU).
-    """
-
-    def f_one(p, tok, sc):
-        logits = functional_call(model, p, (tok[None],))
-        return output_and_q(logits, tok[None], sc[None])[0][0]
-
-    return vmap(grad(f_one), in_dims=(None, 0, 0))(params, tokens, score)
-
-
-def dense_project(grads: dict, k: int, seed: int, proxy: int, block_elems: int = 1 << 24) -> torch.Tensor:
-    """g = P^T grad / sqrt(k) with P regenerated per (parameter, row block). grads {name: (B, ...)} -> (B, k) float32.
-
-    Parameters are taken in sorted name order; each contributes its rows of P, in blocks of <= block_elems entries.
-    """
-    out = None
-    rows_per_block = max(1, block_elems // k)
-    for name in sorted(grads):
-        g = grads[name].flatten(1).float()  # (B, n)
-        out = torch.zeros(g.shape[0], k, device=g.device) if out is None else out
-        for b, start in enumerate(range(0, g.shape[1], rows_per_block)):
-            stop = min(start + rows_per_block, g.shape[1])
-            p_block = rademacher(stop - start, k, seed, proxy, name, b).to(g.device)  # (rows, k)
-            out += g[:, start:stop] @ p_block
-    return out / math.sqrt(k)
-
-
-# Subsampled randomized Hadamard transform (Ailon & Chazelle 2006): P = D H[:, S], with D a seeded diagonal of ±1 over
-# the concatenated gradient (p entries, zero-padded to N = 2^m), H the N x N Sylvester-Hadamard matrix and S k distinct
-# seeded columns. Every entry of P is ±1 and E[<P^T a, P^T b>] / k = <a, b>, as with the i.i.d. matrix, but P^T g costs
-# one fast transform, O(N log N) per example, instead of regenerating p x k random numbers per batch: the i.i.d.
-# matrix's p x k signs dominate the dense projector's time (docs/benchmarks.md "Featurize").
-
-
-def fwht(x: torch.Tensor, radix_bits: int = 6) -> torch.Tensor:
-    """Unnormalized Walsh-Hadamard transform H_N x along the last dim (N = 2^m), Sylvester order. (..., N) -> same.
-
-    H_N = H_{2^a} (x) H_{2^b} (x) ..., so the transform is a small dense Hadamard matmul along each group of <=
-    radix_bits index bits: m / radix_bits matmuls instead of m butterfly passes over memory.
-    """
-    n = x.shape[-1]
-    m = n.bit_length() - 1
-    if n != 1 << m:
-        raise ValueError(f"fwht needs a power-of-two length, got {n}")
-    lead = x.shape[:-1]
-    x = x.reshape(-1, n)
-    lo = 0
-    while lo < m:
-        bits = min(radix_bits, m - lo)
-        h = _hadamard(1 << bits, x.dtype, x.device)
-        if lo == 0:  # lowest bits are contiguous: right-multiply rows
-            x = (x.reshape(-1, 1 << bits) @ h).reshape(-1, n)
-        else:  # bits [lo, lo + bits): left-multiply the (2^bits, 2^lo) blocks
-            x = torch.matmul(h, x.reshape(-1, 1 << bits, 1 << lo)).reshape(-1, n)
-        lo += bits
-    return x.reshape(*lead, n)
-
-
-def _hadamard(n: int, dtype, device) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=dtype, device=device)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h
-
-
-def srht_plan(p: int, k: int, seed: int, proxy: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """D (p,) float32 ±1, S (k,) int64 sorted distinct columns of H_N, and N = 2^ceil(log2 p), all from the seed."""
-    n = 1 << max(0, (p - 1).bit_length())
-    if k > n:
-        raise ValueError(f"srht projection: k = {k} exceeds the padded gradient length {n}; use a smaller proj_dim")
-    signs = rademacher(1, p, seed, proxy, "srht", "signs")[0]
-    rng = np.random.Generator(np.random.PCG64(_block_seed(seed, proxy, "srht", "columns")))
-    cols = torch.from_numpy(np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64))
-    return signs, cols, n
-
-
-def srht_project(grads: dict, k: int, seed: int, proxy: int, chunk: int = 8) -> torch.Tensor:
-    """g = (H D grad)[S] / sqrt(k) over the concatenated gradient (sorted names). grads {name: (B, ...)} -> (B, k).
-
-    `chunk` examples are transformed at a time: the padded buffer is chunk x N float32 (twice, out of place).
-    """
-    names = sorted(grads)
-    sizes = [grads[name][0].numel() for name in names]
-    signs, cols, n = srht_plan(sum(sizes), k, seed, proxy)
-    first = grads[names[0]]
-    signs, cols = signs.to(first.device), cols.to(first.device)
-    out = []
-    for start in range(0, first.shape[0], chunk):
-        x = torch.zeros(first[start : start + chunk].shape[0], n, device=first.device)
-        offset = 0
-        for name, size in zip(names, sizes):
-            x[:, offset : offset + size] = grads[name][start : start + chunk].flatten(1)
-            offset += size
-        x[:, :offset] *= signs
-        out.append(fwht(x)[:, cols])
-    return torch.cat(out) / math.sqrt(k)
-
-
-def srht_matrix(p: int, k: int, seed: int, proxy: int) -> torch.Tensor:
-    """The (p, k) matrix srht_project uses, unscaled, from the definition H[i, j] = (-1)^popcount(i & j). Tests only."""
-    signs, cols, _ = srht_plan(p, k, seed, proxy)
-    parity = np.bitwise_count(np.bitwise_and.outer(np.arange(p), cols.numpy())) & 1
-    return torch.from_numpy(1.0 - 2.0 * parity).float() * signs[:, None]
-
-
-def dense_matrix(shapes: dict[str, tuple], k: int, seed: int, proxy: int, block_elems: int = 1 << 24) -> torch.Tensor:
-    """The full (p, k) matrix dense_project uses (sorted names, unscaled ±1). For tests on small models only."""
-    rows_per_block = max(1, block_elems // k)
-    blocks = []
-    for name in sorted(shapes):
-        n = math.prod(shapes[name])
-        for b, start in enumerate(range(0, n, rows_per_block)):
-            blocks.append(rademacher(min(start + rows_per_block, n) - start, k, seed, proxy, name, b))
-    return torch.cat(blocks)
-
-
-# -----------------------------------------------------------------------------
-# Factorized projector: per-Linear Kronecker sketch from forward activations and backward output gradients
-
-
-def split_dims(linears: list[tuple[str, nn.Linear]], k: int) -> list[tuple[int, int]]:
-    """(k_o, k_i) per Linear. Each of the L layers gets share = k // L dims; a side whose full size fits is kept exact
-    (identity, no projection); otherwise k_i = largest power of 2 <= sqrt(share) and k_o = share // k_i, each capped at
-    its layer size. Feature dim = sum k_o * k_i <= k."""
-    share = k // len(linears)
-    if share < 1:
-        raise ValueError(f"proj_dim={k} is smaller than the {len(linears)} Linear layers to cover")
-    dims = []
-    for _, lin in linears:
-        d_in, d_out = lin.in_features + (lin.bias is not None), lin.out_features
-        k_i = min(d_in, 2 ** int(math.log2(math.sqrt(share))))
-        k_o = min(d_out, share // k_i)
-        if k_o == d_out:  # output side exact: give the rest of the share to the input side
-            k_i = min(d_in, share // d_out) or 1
-        dims.append((k_o, k_i))
-    return dims
-
-
-def _side(d: int, kk: int, *keys: object) -> torch.Tensor:
-    """(d, kk) projection of one side: identity when kk == d (exact), else Rademacher / sqrt(kk)."""
-    return torch.eye(d) if kk == d else rademacher(d, kk, *keys) / math.sqrt(kk)
-
-
-class FactorizedSketch:
-    """Kronecker sketch of the per-example gradient of every nn.Linear of `model` (see the module docstring).
-
-    sketch(tokens, score) -> (features (B, dim) float32, Q (B,) float32). Projection matrices are built once from
-    (seed, proxy, layer name) and kept (they are small: k_o x d_out + k_i x d_in per layer).
-    """
-
-    def __init__(self, model: nn.Module, k: int, seed: int, proxy: int, device: torch.device | str = "cpu"):
-        self.model = model
-        self.linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not self.linears:
-            raise ValueError("the factorized projector needs a model with nn.Linear layers; use --projector dense")
-        self.embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-        if not self.embeddings:
-            raise ValueError("the factorized projector starts the backward at nn.Embedding outputs; none found")
-        self.dims = split_dims(self.linears, k)
-        self.dim = sum(ko * ki for ko, ki in self.dims)
-        self.proj = []  # per layer: P_out^T (d_out, k_o), P_in^T (d_in [+1 for bias], k_i), JL-scaled
-        for (name, lin), (ko, ki) in zip(self.linears, self.dims):
-            d_in = lin.in_features + (lin.bias is not None)
-            p_out = _side(lin.out_features, ko, seed, proxy, name, "out")
-            p_in = _side(d_in, ki, seed, proxy, name, "in")
-            self.proj.append((p_out.to(device), p_in.to(device)))
-
-    def sketch(self, tokens: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        acts: list[torch.Tensor | None] = [None] * len(self.linears)
-        outs: list[torch.Tensor | None] = [None] * len(self.linears)
-        handles = []
-
-        def fwd_hook(i, mod, inp, out):
-            x = inp[0].float()  # (B, T, d_in)
-            if mod.bias is not None:
-                x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], -1)
-            acts[i] = x @ self.proj[i][1]  # (B, T, k_i)
-
-            def bwd(gy, i=i):
-                outs[i] = gy.float() @ self.proj[i][0]  # (B, T, k_o)
-
-            out.register_hook(bwd)
-
-        def emb_hook(mod, inp, out):
-            return out.detach().requires_grad_(True)  # gradient starts here; parameters stay frozen
-
-        for i, (_, lin) in enumerate(self.linears):
-            handles.append(lin.register_forward_hook(partial(fwd_hook, i)))
-        for emb in self.embeddings:
-            handles.append(emb.register_forward_hook(emb_hook))
-        try:
-            with torch.enable_grad():
-                logits = self.model(tokens)
-                f, q = output_and_q(logits, tokens, score, fast_backward=True)
-                f.sum().backward()
-        finally:
-            for h in handles:
-                h.remove()
-        feats = [torch.einsum("bto,bti->boi", o, a).flatten(1) for o, a in zip(outs, acts)]  # (B, k_o*k_i) each
-        return torch.cat(feats, 1), q
-
-
-class DenseSketch:
-    """Exact per-example gradients of `params` ('all' or 'linear') times a seeded ±1 matrix P (p, k).
-
-    projection 'rademacher' (exact TRAK): i.i.d. P, regenerated for every batch; the whole batch is projected at once
-    while gradients are computed in vmap chunks of `chunk` examples, because generating P costs p x k random signs per
-    call whatever the batch, so a large batch (featurize.batch_size) amortizes it. projection 'srht': P = D H[:, S]
-    (srht_project), applied by a fast transform, O(p log p) per example.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        k: int,
-        seed: int,
-        proxy: int,
-        params: str = "all",
-        chunk: int = 8,
-        projection: str = "rademacher",
-    ):
-        if projection not in DENSE_PROJECTIONS:
-            raise ValueError(f"dense projection must be one of {DENSE_PROJECTIONS}, got {projection!r}")
-        self.model, self.k, self.seed, self.proxy, self.chunk = model, k, seed, proxy, chunk
-        self.params = dense_params(model, params)
-        self.projection = projection
-        self.dim = k
-
-    def sketch(self, tokens: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.params}
-        for start in range(0, tokens.shape[0], self.chunk):
-            grads = per_example_grads(
-                self.model, self.params, tokens[start : start + self.chunk], score[start : start + self.chunk]
-            )
-            for n, g in grads.items():
-                parts[n].append(g)
-        with torch.no_grad():
-            q = output_and_q(self.model(tokens), tokens, score)[1]
-        grads = {n: torch.cat(v) for n, v in parts.items()}
-        if self.projection == "srht":
-            return srht_project(grads, self.k, self.seed, self.proxy, self.chunk), q
-        return dense_project(grads, self.k, self.seed, self.proxy), q
-
-
-def make_sketch(
-    model: nn.Module,
-    projector: str,
-    k: int,
-    seed: int,
-    proxy: int,
-    device="cpu",
-    dense_params="all",
-    dense_projection="rademacher",
-):
-    """'factorized' -> FactorizedSketch, 'dense' -> DenseSketch. The model's parameters are frozen in place."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()  # no dropout: features are a deterministic function of (weights, tokens)
-    if projector == "factorized":
-        return FactorizedSketch(model, k, seed, proxy, device)
-    if projector == "dense":
-        from dsdm.model import set_attn_impl
-
-        set_attn_impl(model, "eager")  # vmap has no batching rule for SDPA's backward on CPU
-        return DenseSketch(model, k, seed, proxy, dense_params, projection=dense_projection)
-    raise ValueError(f"projector must be 'factorized' or 'dense', got {projector!r}")
-
-
-def featurize_batches(sketch, batches, device) -> tuple[np.ndarray, np.ndarray]:
-    """Run `sketch` over (tokens, score) numpy batches -> features (n, dim) float32, Q (n,) float32."""
-    feats, qs = [], []
-    for tokens, score in batches:
-        g, q = sketch.sketch(torch.as_tensor(tokens, device=device), torch.as_tensor(score, device=device))
-        feats.append(g.detach().float().cpu().numpy())
-        qs.append(q.detach().float().cpu().numpy())
-    return np.concatenate(feats), np.concatenate(qs)
-
+from dsdm.sketch import (  # noqa: F401 - re-exported: the sketch API callers have imported from dsdm.featurize
+    DENSE_PROJECTIONS,
+    DENSE_RNGS,
+    PRECISIONS,
+    SKETCH_VERSION,
+    DenseSketch,
+    FactorizedSketch,
+    dense_matrix,
+    dense_params,
+    dense_project,
+    featurize_batches,
+    fwht,
+    make_sketch,
+    margins_and_probs,
+    output_and_q,
+    per_example_grads,
+    pool_score_mask,
+    projection_rng,
+    rademacher,
+    split_dims,
+    srht_matrix,
+    srht_plan,
+    srht_project,
+)
 
 # -----------------------------------------------------------------------------
 # IO: the feature store (one directory per proxy), filled shard by shard
@@ -459,10 +61,20 @@ class FeaturizeConfig:
     """Dense projector only: rademacher (i.i.d. ±1 P regenerated per batch, p x k signs: exact TRAK, the reference)
     | srht (subsampled randomized Hadamard transform: also ±1 entries and unbiased inner products, O(p log p) per
     example; the dense path that scales beyond toy models on a CPU)."""
+    dense_rng: str = "pcg64"
+    """Dense i.i.d. projection only: pcg64 (signs from the CPU stream: the same matrix on every device) | device
+    (torch's generator on the featurize device: fast on a GPU; the store records the device and scoring must run on
+    the same kind, see sketch.projection_rng)."""
+    precision: str = "float32"
+    """Proxy forward/backward precision: float32 | tf32 (CUDA matmuls) | bf16 (autocast). Projections, the output
+    function and the Gram stay float32/float64. Feature error against float32: docs/benchmarks.md "GPU"."""
+    gram: str = "float64"
+    """Gram accumulation: float64 (numpy on CPU, float64 addmm on a GPU) | float32 (float32 per shard, added into
+    the float64 total; relative error ~1e-7, docs/benchmarks.md)."""
     storage_dtype: str = "float16"
-    """float16 | float32 for features.npy. The Gram matrix is always accumulated in float64."""
+    """float16 | float32 for features.npy. The Gram matrix is always reduced in float64."""
     batch_size: int = 16
-    """Examples per forward/backward."""
+    """Examples per forward/backward; 0 = from free GPU memory (auto_batch_size; 16 on CPU)."""
     shard_size: int = 1024
     """Examples per shard: the unit of resume and of parallel work (disjoint rows of one store)."""
     seed: int = 0
@@ -485,13 +97,46 @@ class FeaturizeConfig:
             raise ValueError(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be local or ray, got {self.executor!r}")
-        if self.batch_size <= 0 or self.shard_size <= 0:
-            raise ValueError("batch_size and shard_size must be positive")
+        if self.dense_rng not in DENSE_RNGS:
+            raise ValueError(f"dense_rng must be one of {DENSE_RNGS}, got {self.dense_rng!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.gram not in ("float64", "float32"):
+            raise ValueError(f"gram must be float64 or float32, got {self.gram!r}")
+        if self.batch_size < 0 or self.shard_size <= 0:
+            raise ValueError("batch_size must be >= 0 (0 = auto) and shard_size positive")
 
 
-def featurize_shard(start: int, stop: int, *, store: Path, pool, sketch, device, batch_size: int, bar=None) -> str:
+# Fields added after stores existed: left out of the completion key at their defaults, so those stores stay valid.
+_NEW_DEFAULTS = {"dense_rng": "pcg64", "precision": "float32", "gram": "float64"}
+
+
+def auto_batch_size(sketch, pool, device, probe: int = 4, fraction: float = 0.6, cap: int = 512) -> int:
+    """Examples per batch that fit in `fraction` of the free GPU memory, from the peak memory of a `probe`-example
+    batch (activations and per-example state grow linearly in the batch). 16 off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 16
+    tokens, mask = pool.batch(np.arange(min(probe, len(pool))), pad_to=pool.seq_len)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    sketch.sketch(
+        torch.as_tensor(tokens, device=device), torch.as_tensor(pool_score_mask(torch.as_tensor(mask)), device=device)
+    )
+    per_example = max(1, (torch.cuda.max_memory_allocated(device) - base) / len(tokens))
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(cap, fraction * free // per_example)))
+
+
+def featurize_shard(
+    start: int, stop: int, *, store: Path, pool, sketch, device, batch_size: int, gram: str = "float64", bar=None
+) -> str:
     """Fill rows [start, stop) of features.npy and q.npy, then publish shards/gram_<start>_<stop>.npy (the shard's
-    completion record, written atomically) and set done[start:stop]. Skips a shard whose Gram file exists."""
+    completion record, written atomically) and set done[start:stop]. Skips a shard whose Gram file exists.
+
+    The Gram is of the stored (rounded) rows: numpy float64 on CPU with gram="float64" (bitwise as ever); else
+    summed on `device` (gram_on_device), features never leaving it before the store write."""
     from dsdm.io import save_npy
 
     gram_path = store / "shards" / f"gram_{start:09d}_{stop:09d}.npy"
@@ -500,6 +145,10 @@ def featurize_shard(start: int, stop: int, *, store: Path, pool, sketch, device,
     feats = np.load(store / "features.npy", mmap_mode="r+")
     q = np.load(store / "q.npy", mmap_mode="r+")
     done = np.load(store / "done.npy", mmap_mode="r+")
+    if torch.device(device).type != "cpu" or gram != "float64":
+        return _featurize_shard_on_device(
+            start, stop, gram_path, feats, q, done, pool, sketch, device, batch_size, gram, bar
+        )
     gram = np.zeros((feats.shape[1], feats.shape[1]), dtype=np.float64)
     for b0 in range(start, stop, batch_size):
         idx = np.arange(b0, min(b0 + batch_size, stop))
@@ -521,6 +170,37 @@ def featurize_shard(start: int, stop: int, *, store: Path, pool, sketch, device,
     return "done"
 
 
+def _featurize_shard_on_device(start, stop, gram_path, feats, q, done, pool, sketch, device, batch_size, gram, bar):
+    """featurize_shard with the Gram accumulated on `device`: float64 addmm, or float32 for the shard added into a
+    float64 total at the end (gram="float32")."""
+    from dsdm.io import save_npy
+
+    device = torch.device(device)
+    store_dtype = torch.float16 if feats.dtype == np.float16 else torch.float32
+    acc = torch.zeros(
+        feats.shape[1], feats.shape[1], dtype=torch.float64 if gram == "float64" else torch.float32, device=device
+    )
+    for b0 in range(start, stop, batch_size):
+        idx = np.arange(b0, min(b0 + batch_size, stop))
+        tokens, mask = pool.batch(idx, pad_to=pool.seq_len)
+        score = mask.copy()
+        score[:, 0] = False
+        g, qb = sketch.sketch(torch.as_tensor(tokens, device=device), torch.as_tensor(score, device=device))
+        stored = g.detach().float().to(store_dtype)  # what scoring will read; the Gram is of exactly this
+        feats[idx] = stored.cpu().numpy()
+        q[idx] = qb.detach().float().cpu().numpy()
+        stored = stored.to(acc.dtype)
+        acc.addmm_(stored.t(), stored)
+        if bar is not None:
+            bar.update(len(idx))
+    feats.flush()
+    q.flush()
+    save_npy(gram_path, acc.double().cpu().numpy())
+    done[start:stop] = True
+    done.flush()
+    return "done"
+
+
 def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, device, shards=None) -> Path:
     """Featurize the whole pool (or only `shards`) with one proxy into `store`; reduce the Gram when all are done."""
     from dsdm.common import log, progress
@@ -529,12 +209,12 @@ def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, 
 
     store = Path(store)
     slice_ = {"featurize": _cfg_dict(cfg), "proxy": proxy, "pool": pool.fingerprint, "sketch_version": SKETCH_VERSION}
+    slice_.update(_rng_record(cfg, device))
     if is_done(store, slice_):
         log(f"{store}: already featurized, skipping")
         return store
-    sketch = make_sketch(
-        model.to(device), cfg.projector, cfg.proj_dim, cfg.seed, proxy, device, cfg.dense_params, cfg.dense_projection
-    )
+    sketch = build_sketch(model.to(device), cfg, proxy, device)
+    batch_size = cfg.batch_size or auto_batch_size(sketch, pool, device)
     n, dim = len(pool), sketch.dim
     open_memmap(store / "features.npy", (n, dim), cfg.storage_dtype, fill=0)
     open_memmap(store / "q.npy", (n,), np.float32, fill=0)
@@ -544,7 +224,9 @@ def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, 
     started = time.time()
     todo = [sh for sh in plan if not (store / "shards" / f"gram_{sh[0]:09d}_{sh[1]:09d}.npy").exists()]
     log(f"{store}: {len(todo)} of {len(plan)} shards to featurize ({cfg.projector}, k={cfg.proj_dim}, dim={dim})")
-    fn = partial(featurize_shard, store=store, pool=pool, sketch=sketch, device=device, batch_size=cfg.batch_size)
+    fn = partial(
+        featurize_shard, store=store, pool=pool, sketch=sketch, device=device, batch_size=batch_size, gram=cfg.gram
+    )
     if cfg.executor == "local":  # one bar in examples/s with ETA
         with progress(total=sum(b - a for a, b in todo), desc=f"featurize proxy {proxy}", unit="ex") as bar:
             for a, b in todo:
@@ -564,10 +246,35 @@ def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, 
     return store
 
 
+def build_sketch(model, cfg: FeaturizeConfig, proxy: int, device):
+    """The sketch `cfg` describes for proxy `proxy` (scoring builds the same one for target gradients)."""
+    return make_sketch(
+        model,
+        cfg.projector,
+        cfg.proj_dim,
+        cfg.seed,
+        proxy,
+        device,
+        cfg.dense_params,
+        cfg.dense_projection,
+        cfg.dense_rng,
+        cfg.precision,
+    )
+
+
+def _rng_record(cfg: FeaturizeConfig, device) -> dict:
+    """{"projection_rng": ...} when the i.i.d. dense matrix comes from a device generator; {} for the default
+    (device-independent) stream, so stores made before this field existed keep their completion key."""
+    if cfg.projector == "dense" and cfg.dense_projection == "rademacher" and cfg.dense_rng != "pcg64":
+        return {"projection_rng": projection_rng(cfg.dense_rng, device)}
+    return {}
+
+
 def _cfg_dict(cfg) -> dict:
     from dsdm.config import to_dict
 
-    return {k: v for k, v in to_dict(cfg).items() if k not in ("device", "executor")}
+    out = {k: v for k, v in to_dict(cfg).items() if k not in ("device", "executor")}
+    return {k: v for k, v in out.items() if k not in _NEW_DEFAULTS or v != _NEW_DEFAULTS[k]}
 
 
 def run(pool_dir: str | Path, proxies_dir: str | Path, out_dir: str | Path, cfg: FeaturizeConfig, force: bool = False):
@@ -588,18 +295,19 @@ def run(pool_dir: str | Path, proxies_dir: str | Path, out_dir: str | Path, cfg:
     if pmanifest["pool_fingerprint"] != pool.fingerprint:
         raise ValueError(f"{proxies_dir} was trained on another pool (fingerprint differs from {pool_dir})")
     models = [str((proxies_dir / m).resolve()) for m in pmanifest["models"]]
+    device, why = resolve_device(cfg.device)
     slice_ = {
         "featurize": _cfg_dict(cfg),
         "proxies": models,
         "pool_fingerprint": pool.fingerprint,
         "sketch_version": SKETCH_VERSION,
+        **_rng_record(cfg, device),
     }
     if is_done(out_dir, slice_, force=force):
         log(f"{out_dir}: already featurized with this configuration; nothing to do")
         return out_dir
     if force:
         clear_done(out_dir)
-    device, why = resolve_device(cfg.device)
     log(f"device {why}")
     started = time.time()
     write_json(
