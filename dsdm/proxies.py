@@ -36,7 +36,7 @@ class ProxiesConfig:
     fraction: float = 0.4
     """Fraction of the pool each proxy trains on (the paper: ≈0.38)."""
     seed: int = 0
-    """Seed of the subset draws; proxy m's trainer seed is seed * 1000 + m."""
+    """Seed of the subset draws; proxy m's trainer seed is base * 1000 + m, base = train.seed if set, else seed."""
     train: dict = field(default_factory=dict)
     """Trainer settings (dsdm.train.TrainConfig keys), e.g. {preset: tiny, steps: 300}."""
 
@@ -68,7 +68,9 @@ def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bo
         subset = draw_subset(len(pool), cfg.fraction, cfg.seed, m)
         save_npy(out_dir / "subsets" / f"proxy_{m}.npy", subset)
         tcfg = dict(cfg.train)
-        tcfg.setdefault("seed", cfg.seed * 1000 + m)
+        # a distinct trainer seed (initial weights, data order) per proxy, also when the user sets train.seed:
+        # a shared seed would give every proxy the same initial weights, and their ensemble less independence
+        tcfg["seed"] = tcfg.get("seed", cfg.seed) * 1000 + m
         log(f"proxy {m}/{cfg.n}: training on {subset.size} of {len(pool)} examples")
         model_dir = Path(train(pool, subset, from_dict(TrainConfig, tcfg, prefix="train."), out_dir / f"proxy_{m}"))
         models.append(str(model_dir.resolve().relative_to(out_dir.resolve())))

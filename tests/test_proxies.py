@@ -1,0 +1,69 @@
+"""Proxies (dsdm.proxies): subsets are independent of the number of proxies, every proxy gets its own trainer seed
+(also when the user sets train.seed), and a re-run after an interruption does not retrain a finished proxy.
+
+A 40-example pool and the micro preset for a few steps keep it fast. Run: pytest tests/test_proxies.py
+"""
+
+import json
+
+import numpy as np
+import pytest
+from test_models import _pool
+
+from dsdm.proxies import ProxiesConfig, draw_subset, run
+
+TRAIN = {"preset": "micro", "steps": 3, "batch_size": 4, "device": "cpu", "log_every": 1}
+
+
+def _seed(d, m) -> int:
+    return json.loads((d / f"proxy_{m}" / "train.json").read_text())["config"]["seed"]
+
+
+def test_subsets_do_not_depend_on_the_number_of_proxies(tmp_path):
+    pool = _pool(tmp_path / "pool")
+    a = run(pool.path, tmp_path / "a", ProxiesConfig(n=2, fraction=0.5, seed=3, train=TRAIN))
+    b = run(pool.path, tmp_path / "b", ProxiesConfig(n=3, fraction=0.5, seed=3, train=TRAIN))
+    for m in range(2):
+        sa, sb = (np.load(d / "subsets" / f"proxy_{m}.npy") for d in (a, b))
+        assert np.array_equal(sa, sb) and np.array_equal(sa, draw_subset(40, 0.5, 3, m))
+        wa, wb = ((d / f"proxy_{m}" / "model.safetensors").read_bytes() for d in (a, b))
+        assert wa == wb
+    subsets = [np.load(b / "subsets" / f"proxy_{m}.npy") for m in range(3)]
+    assert all(s.size == 20 and np.unique(s).size == 20 and s.dtype == np.int64 for s in subsets)
+    assert not np.array_equal(subsets[0], subsets[1])  # distinct draws, not one subset reused
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert manifest["models"] == ["proxy_0", "proxy_1", "proxy_2"] and manifest["num_proxies"] == 3
+
+
+@pytest.mark.parametrize("train_seed", [None, 5])
+def test_every_proxy_gets_its_own_seed(tmp_path, train_seed):
+    # fraction 1: every proxy sees the same examples, so only the seed can tell their weights apart
+    pool = _pool(tmp_path / "pool")
+    train = TRAIN if train_seed is None else {**TRAIN, "seed": train_seed}
+    d = run(pool.path, tmp_path / "p", ProxiesConfig(n=3, fraction=1.0, seed=2, train=train))
+    seeds = [_seed(d, m) for m in range(3)]
+    assert len(set(seeds)) == 3
+    base = 2 if train_seed is None else train_seed
+    assert seeds == [base * 1000 + m for m in range(3)]  # the default rule is unchanged; a set seed is the base
+    weights = [(d / f"proxy_{m}" / "model.safetensors").read_bytes() for m in range(3)]
+    assert len(set(weights)) == 3
+
+
+def test_a_finished_proxy_is_not_retrained(tmp_path):
+    pool = _pool(tmp_path / "pool")
+    cfg = ProxiesConfig(n=2, fraction=0.5, seed=0, train=TRAIN)
+    d = run(pool.path, tmp_path / "p", cfg)
+    stamp = {m: (d / f"proxy_{m}" / "_done.json").stat().st_mtime_ns for m in range(2)}
+    weights1 = (d / "proxy_1" / "model.safetensors").read_bytes()
+    # an interruption after proxy 0: proxy 1 and the stage record are missing
+    (d / "_done.json").unlink()
+    for f in sorted((d / "proxy_1").rglob("*"), reverse=True):
+        f.rmdir() if f.is_dir() else f.unlink()
+    run(pool.path, d, cfg)
+    assert (d / "proxy_0" / "_done.json").stat().st_mtime_ns == stamp[0]  # not retrained
+    assert (d / "proxy_1" / "model.safetensors").read_bytes() == weights1  # retrained, to the same bytes
+    assert (d / "_done.json").exists()
+    record = (d / "_done.json").read_bytes()
+    run(pool.path, d, cfg)  # finished: nothing to do
+    assert (d / "_done.json").read_bytes() == record
+    assert (d / "proxy_1" / "_done.json").stat().st_mtime_ns != stamp[1]
