@@ -36,7 +36,7 @@ def solve(gram: np.ndarray, gbar: np.ndarray, ridge: float) -> np.ndarray:
     L, info = torch.linalg.cholesky_ex(K)
     if int(info) != 0:
         raise ValueError(
-            f"the Gram matrix is not positive definite (ridge={ridge}); raise datamodel.ridge (e.g. --set ridge=1e-2)"
+            f"the Gram matrix is not positive definite (ridge={ridge}); raise score.ridge (e.g. --set ridge=1e-2)"
         )
     return torch.cholesky_solve(torch.as_tensor(np.asarray(gbar), dtype=torch.float64), L).numpy()
 

@@ -145,3 +145,14 @@ def test_scoring_projects_targets_with_the_stores_own_projection(tmp_path):
     sk = F.make_sketch(model, "dense", 32, 0, 0, dense_projection="srht")
     W = D.solve(np.load(store / "gram.npy"), D.mean_target_features(sk, tok, sc, "cpu")[:, None], 1e-2)
     np.testing.assert_allclose(us[0], D.stream_scores(np.load(store / "features.npy"), W), rtol=1e-6, atol=1e-9)
+
+
+def test_singular_gram_error_names_the_real_key():
+    import pytest
+
+    from dsdm.datamodel import solve
+
+    gram = np.zeros((3, 3))  # rank 0: not positive definite without a ridge
+    with pytest.raises(ValueError, match=r"raise score\.ridge") as e:
+        solve(gram, np.ones((3, 1)), ridge=0.0)
+    assert "datamodel.ridge" not in str(e.value)
