@@ -133,6 +133,14 @@ def evaluate_examples(model, tokenizer, examples, device="cpu", batch_size: int 
     }
 
 
+def subsample(examples: list, max_examples: int | None, seed: int = 0) -> list:
+    """A seeded subsample of at most max_examples (order kept), the same for every model; all when None or 0."""
+    if max_examples and len(examples) > max_examples:
+        keep = np.sort(np.random.default_rng((seed, 7)).choice(len(examples), max_examples, replace=False))
+        return [examples[i] for i in keep]
+    return list(examples)
+
+
 def evaluate_task(
     model,
     tokenizer,
@@ -159,9 +167,7 @@ def evaluate_task(
     from dsdm.tasks import mc_examples
 
     examples = (mc_examples(task, split, seed=mc_seed) if build_mc else None) or task.split(split)
-    if max_examples and len(examples) > max_examples:
-        keep = np.sort(np.random.default_rng((seed, 7)).choice(len(examples), max_examples, replace=False))
-        examples = [examples[i] for i in keep]
+    examples = subsample(examples, max_examples, seed)
     if not examples:
         raise ValueError(f"task {task.name}: split {split!r} has no examples")
     device = device or next(model.parameters()).device
