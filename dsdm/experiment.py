@@ -30,22 +30,22 @@ Run directory (every stage and every cell is cached by its config and a `_done.j
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import functools
 import json
-import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-TARGETED = ("dsdm", "dsdm-inverse", "dsir", "classifier")
-UNTARGETED = ("random", "semdedup")
-ALL_METHODS = UNTARGETED + TARGETED
-UNTARGETED_NAME = "untargeted"  # the `target` column of cells whose selection does not depend on a target
-RESULT_COLUMNS = ["target", "method", "k", "epochs", "seed", "tokens", "eval_task", "loss", "accuracy"]
+from dsdm.baselines import METHODS
+from dsdm.report import ReportSpec
+from dsdm.results import UNTARGETED_NAME
+
+ALL_METHODS = tuple(METHODS)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,8 +72,9 @@ class TargetSpec:
     name: str = ""
     """Short name used in file names and tables, e.g. `squad` or `mix`."""
     tasks: list[str] = field(default_factory=list)
-    """Task specs (a directory with target.jsonl + holdout.jsonl, see dsdm.tasks). Several = an equal-weight task mix
-    (docs/method.md §2.4): DsDm averages the per-task scores; DSIR and Classifier fit on the union of the target texts."""
+    """Task specs (a directory with target.jsonl + holdout.jsonl, see dsdm.tasks). Several = an equal-weight task
+    mix (docs/method.md §2.4): DsDm averages the per-task scores; DSIR and Classifier fit on the union of the target
+    texts."""
 
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "-." for c in self.name):
@@ -118,14 +119,6 @@ class EvalSpec:
 
 
 @dataclass
-class ReportSpec:
-    case_study: int = 5
-    """Top- and bottom-ranked documents shown per method and target."""
-    snippet_chars: int = 240
-    """Characters of each decoded document shown in the case study."""
-
-
-@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     """Free-form name, shown in the report."""
@@ -163,7 +156,7 @@ class ExperimentConfig:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
-        if not self.targets and any(m in TARGETED for m in self.methods):
+        if not self.targets and any(METHODS[m].targeted for m in self.methods):
             raise ValueError("targets: targeted methods need at least one target")
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
@@ -243,15 +236,20 @@ def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int) -> list[Cell
         return Cell(target, method, int(k), round(tokens / (k * L), 3), seed, int(tokens))
 
     cells: list[Cell] = []
+    untargeted = sorted(
+        (m for m in cfg.methods if not METHODS[m].targeted),
+        key=lambda m: (not METHODS[m].reference, ALL_METHODS.index(m)),  # the reference (random) first
+    )
     for seed in cfg.seeds:
-        if "random" in cfg.methods:
-            for m in sorted(float(x) for x in cfg.budget.compute_multipliers):
-                tokens = int(round(m * T))
-                cells.append(cell(UNTARGETED_NAME, "random", min(pool_size, tokens // L), seed, tokens))
-        if "semdedup" in cfg.methods:
-            cells.append(cell(UNTARGETED_NAME, "semdedup", T // L, seed))
+        for method in untargeted:
+            if METHODS[method].reference:  # the compute curve: c x T tokens of its data, one epoch
+                for m in sorted(float(x) for x in cfg.budget.compute_multipliers):
+                    tokens = int(round(m * T))
+                    cells.append(cell(UNTARGETED_NAME, method, min(pool_size, tokens // L), seed, tokens))
+            else:
+                cells.append(cell(UNTARGETED_NAME, method, T // L, seed))
         for t in cfg.targets:
-            for method in (m for m in cfg.methods if m in TARGETED):
+            for method in (m for m in cfg.methods if METHODS[m].targeted):
                 ks = [T // (cfg.budget.epochs * L)]
                 if cfg.budget.one_epoch_variant:
                     ks.append(T // L)
@@ -262,7 +260,342 @@ def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int) -> list[Cell
 
 
 # -----------------------------------------------------------------------------
-# Upstream stages, imported lazily so a missing module fails with a message naming it
+# Stages: one folder of the run directory each, decided by its record (docs/runner.md)
+
+
+@dataclass
+class Stage:
+    """One unit of work: `name` is its folder under the run directory.
+
+    `config` is the stage's own config slice (plain JSON, top-level keys named after the experiment config's keys, so a
+    difference reads as `score.ridge`); `inputs` the upstream stages it reads. The stage's key is sha256 of the slice
+    and its inputs' keys, so a changed setting changes the key of its stage and of everything downstream."""
+
+    name: str
+    config: dict
+    inputs: list[str]
+    work: Callable[[bool], None]
+    """Does the work; its argument is True when an out-of-date result is being replaced."""
+
+
+def task_fingerprint(task) -> str:
+    """sha256 of a task's examples (both splits): a changed task file changes every stage that reads it."""
+    from dsdm.io import canonical_json, sha256_text
+
+    return sha256_text(
+        canonical_json({s: [dataclasses.asdict(e) for e in task.split(s)] for s in ("target", "holdout")})
+    )
+
+
+def _train_recipe(cfg: ExperimentConfig) -> dict:
+    # device / dtype / compile / logging change speed, not the recipe (as in dsdm.train's own record)
+    return {k: v for k, v in cfg.eval_model.items() if k not in ("device", "dtype", "compile", "log_every")}
+
+
+def stage_key(stage: Stage, keys: dict[str, str]) -> str:
+    from dsdm.io import record_key
+
+    return record_key(stage.config, {name: keys[name] for name in stage.inputs})
+
+
+def plan_stages(cfg: ExperimentConfig, out: Path, ctx: "Context", cells: list[Cell]) -> list[Stage]:
+    """Every stage of the experiment in execution order (pure: nothing runs)."""
+    from dsdm.baselines import METHODS, score_stage_name
+    from dsdm.config import to_dict
+
+    stages: list[Stage] = []
+    if not cfg.pool.path:
+        stages.append(Stage("pool", ctx.pool_slice, [], ctx.build_pool))
+    pool_input = ["pool"]  # the run's pool stage, or the key of the existing pool at pool.path
+    needs_features = any(METHODS[m].estimator_scores for m in cfg.methods)
+    if needs_features:
+        stages.append(Stage("proxies", {"proxy": cfg.proxy}, pool_input, ctx.train_proxies))
+        feat = {k: v for k, v in cfg.featurize.items() if k not in ("device", "executor", "ray_address")}
+        stages.append(Stage("features", {"featurize": feat}, pool_input + ["proxies"], ctx.featurize))
+    score_stages: dict[str, Stage] = {}
+    for method in cfg.methods:
+        cls = METHODS[method]
+        if cls.seed_dependent_scores:
+            continue  # drawn per seed in the selection stage
+        for target in cfg.targets if cls.targeted else [None]:
+            name = score_stage_name(method, target.name if target else UNTARGETED_NAME)
+            if name in score_stages:
+                continue
+            tasks = ctx.task_hashes(target.tasks if target else [])
+            if cls.estimator_scores:
+                slice_ = {"score": {k: v for k, v in cfg.score.items() if k != "tasks"}, "tasks": tasks}
+                st = Stage(name, slice_, ["features"], functools.partial(ctx.estimator_scores, name, target))
+            else:
+                slice_ = {"method": method, "method_options": cfg.method_options.get(method, {}), "tasks": tasks}
+                st = Stage(name, slice_, pool_input, functools.partial(ctx.baseline_scores, name, method, target))
+            score_stages[name] = st
+    stages += list(score_stages.values())
+    planned = set()
+    for cell in cells:
+        cls = METHODS[cell.method]
+        sel = f"selections/{cell.selection}"
+        if sel not in planned:
+            planned.add(sel)
+            scores = [] if cls.seed_dependent_scores else [score_stage_name(cell.method, cell.target)]
+            slice_ = {
+                "method": cell.method,
+                "method_options": cfg.method_options.get(cell.method, {}),
+                "target": cell.target,
+                "k": cell.k,
+                "seed": cell.seed,
+            }
+            stages.append(Stage(sel, slice_, pool_input + scores, functools.partial(ctx.select, sel, cell)))
+        model = f"models/{cell.name}"
+        slice_ = {"eval_model": _train_recipe(cfg), "tokens": cell.tokens, "seed": cell.seed}
+        stages.append(Stage(model, slice_, pool_input + [sel], functools.partial(ctx.train_model, model, sel, cell)))
+        ev = f"eval/{cell.name}"
+        slice_ = {"eval": to_dict(cfg.eval), "eval_tasks": ctx.task_hashes(ctx.eval_specs)}
+        stages.append(Stage(ev, slice_, [model], functools.partial(ctx.evaluate, ev, model, cell)))
+    return stages
+
+
+class StaleRun(ValueError):
+    """The run directory holds results of other settings, and the user did not ask to replace them."""
+
+
+def preflight(out: Path, stages: list[Stage], keys: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """[(stage, changed keys)] of every stage whose record was produced by other settings or inputs, in order.
+
+    A stage whose own settings are unchanged but whose input changed lists `inputs.<name>`."""
+    from dsdm.io import _diff_keys, read_record
+
+    stale = []
+    for st in stages:
+        run = ((read_record(out / st.name) or {}).get("run")) or {}
+        if run and run.get("key") != keys[st.name]:
+            changed = _diff_keys(run.get("config", {}), json.loads(json.dumps(st.config)))
+            old_inputs = run.get("inputs") or {}
+            changed += [f"inputs.{n}" for n in st.inputs if old_inputs.get(n) != keys.get(n)]
+            stale.append((st.name, changed or ["(unknown)"]))
+    return stale
+
+
+def stale_message(out: Path, stale: list[tuple[str, list[str]]]) -> str:
+    own = [(name, [k for k in keys if not k.startswith("inputs.")]) for name, keys in stale]
+    roots = [f"{name} ({', '.join(keys)})" for name, keys in own if keys]
+    return (
+        f"{out} holds results of other settings: changed {'; '.join(roots) or stale[0][0]}; "
+        f"{len(stale)} stage(s) would be recomputed. Pass --force to recompute them (and what depends on them), "
+        "or use another --out."
+    )
+
+
+def run_stage(out: Path, st: Stage, keys: dict[str, str], force: bool) -> bool:
+    """Run `st` unless its record matches its key; returns True if it ran. The record's `run` entry is written last."""
+    from dsdm.io import read_json, read_record, write_json
+
+    record = read_record(out / st.name)
+    run = (record or {}).get("run") or {}
+    if run.get("key") == keys[st.name]:
+        return False
+    stale = bool(run)
+    if stale and not force:
+        raise StaleRun(stale_message(out, preflight(out, [st], keys)))
+    st.work(stale)
+    marker = out / st.name / "_done.json"
+    if not marker.exists():
+        raise RuntimeError(f"stage {st.name} finished without writing its record {marker}")
+    record = read_json(marker)
+    record["run"] = {
+        "stage": st.name,
+        "key": keys[st.name],
+        "config": st.config,
+        "inputs": {name: keys[name] for name in st.inputs},
+        "external": [name for name in st.inputs if not (out / name).is_dir()],  # e.g. a pool given by pool.path
+    }
+    write_json(marker, record)
+    return True
+
+
+# -----------------------------------------------------------------------------
+# The work of each stage
+
+
+class Context:
+    """What the stage functions share in one run: the config, the run directory, the device, the loaded tasks and
+    the pool (opened once it exists). It holds no results: every stage reads its inputs from their folders."""
+
+    def __init__(self, cfg: ExperimentConfig, out: Path):
+        from dsdm.common import resolve_device
+        from dsdm.tasks import load_task
+
+        self.cfg, self.out = cfg, out
+        self.device, self.device_reason = resolve_device(cfg.device)
+        specs = [s for t in cfg.targets for s in t.tasks] + list(cfg.unseen)
+        self.tasks = {s: load_task(s) for s in dict.fromkeys(specs)}
+        self.eval_specs = list(dict.fromkeys(specs))
+        self._hashes: dict[str, str] = {}
+        self.pool_slice: dict = {}
+
+    def task_hashes(self, specs: list[str]) -> dict[str, str]:
+        """{task name: fingerprint of its examples}: keyed by name, so moving a task directory changes nothing."""
+        for spec in specs:
+            if spec not in self._hashes:
+                self._hashes[spec] = task_fingerprint(self.tasks[spec])
+        return {self.tasks[s].name: self._hashes[s] for s in specs}
+
+    @property
+    def pool_dir(self) -> Path:
+        return Path(self.cfg.pool.path) if self.cfg.pool.path else self.out / "pool"
+
+    @functools.cached_property
+    def pool(self):
+        from dsdm.pool import Pool
+
+        return Pool(self.pool_dir)
+
+    def eval_groups(self) -> dict[str, list[str]]:
+        """Eval task names per target (its own holdouts) and under "unseen": how the report groups results."""
+        groups = {t.name: [self.tasks[s].name for s in t.tasks] for t in self.cfg.targets}
+        groups["unseen"] = [self.tasks[s].name for s in self.cfg.unseen]
+        return groups
+
+    def _clean(self, name: str) -> Path:
+        """A runner-owned stage folder, emptied before its result is (re)computed."""
+        d = self.out / name
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        return d
+
+    # -- shared, compute-heavy stages --------------------------------------------------------------------------
+
+    def build_pool(self, redo: bool) -> None:
+        from dsdm.ingest import PoolBuildConfig, build_pool
+
+        build_pool(self.cfg.pool.inputs, self.pool_dir, self._pool_cfg(PoolBuildConfig), force=redo)
+        self.__dict__.pop("pool", None)
+
+    def _pool_cfg(self, cls):
+        return _stage_cfg(cls, self.cfg.pool.build, "pool.build")
+
+    def train_proxies(self, redo: bool) -> None:
+        from dsdm.proxies import ProxiesConfig
+        from dsdm.proxies import run as proxies_run
+
+        pcfg = _stage_cfg(ProxiesConfig, self.cfg.proxy, "proxy")
+        proxies_run(self.pool_dir, self.out / "proxies", pcfg, force=redo)
+
+    def featurize(self, redo: bool) -> None:
+        from dsdm.featurize import FeaturizeConfig
+        from dsdm.featurize import run as featurize_run
+
+        fcfg = _stage_cfg(FeaturizeConfig, self.cfg.featurize, "featurize", device=self.cfg.device)
+        featurize_run(self.pool_dir, self.out / "proxies", self.out / "features", fcfg, force=redo)
+
+    # -- scores and selections -----------------------------------------------------------------------------------
+
+    def estimator_scores(self, name: str, target: TargetSpec, redo: bool) -> None:
+        """scores/dsdm_<target>/scores.npy: the equal-weight task-mix DsDm scores (dsdm.datamodel.run)."""
+        from dsdm.datamodel import ScoreConfig
+        from dsdm.datamodel import run as score_run
+        from dsdm.io import mark_done
+
+        started, d = time.time(), self._clean(name)
+        scfg = _stage_cfg(ScoreConfig, self.cfg.score, "score")
+        score_run(self.out / "features", target.tasks, d / "scores.npy", scfg, self.device)
+        mark_done(d, {"score": dataclasses.asdict(scfg)}, started=started, stage=name)
+
+    def baseline_scores(self, name: str, method: str, target: TargetSpec | None, redo: bool) -> None:
+        """scores/<method>_<target>/: the method fitted (seed 0, whatever the cell seed) and scored over the pool,
+        so every seed's selection draws from the same scores: scores.npy (or keep.npy) + info.json."""
+        from dsdm.baselines import fit_and_score, make, target_texts
+        from dsdm.common import log
+        from dsdm.io import mark_done, save_npy, write_json
+
+        started, d = time.time(), self._clean(name)
+        est = make(method, self.cfg.method_options.get(method, {}))
+        tasks = [self.tasks[s] for s in target.tasks] if target else []
+        s, info = fit_and_score(est, self.pool, target_texts(tasks), 0)
+        save_npy(d / est.scores_file, np.asarray(s))
+        write_json(d / "info.json", info)
+        mark_done(
+            d, {"method": method, "options": self.cfg.method_options.get(method, {})}, started=started, stage=name
+        )
+        log(f"{name}: {time.time() - started:.1f}s")
+
+    def select(self, name: str, cell: Cell, redo: bool) -> None:
+        from dsdm import selections
+        from dsdm.baselines import METHODS, RULES, fit_and_score, make, score_stage_name
+        from dsdm.common import numpy_rng
+        from dsdm.config import to_dict
+        from dsdm.io import mark_done
+
+        started, d = time.time(), self._clean(name)
+        cls = METHODS[cell.method]
+        opts = dict(self.cfg.method_options.get(cell.method, {}))
+        scores_file = None
+        if cls.seed_dependent_scores:  # drawn here, per seed
+            if "seed" in cls.__dataclass_fields__:
+                opts.setdefault("seed", cell.seed)
+            est = make(cell.method, opts)
+            s, _ = fit_and_score(est, self.pool, [], cell.seed)
+        else:
+            stem = score_stage_name(cell.method, cell.target)
+            if cls.estimator_scores:
+                opts["scores"] = str(self.out / stem / "scores.npy")
+            est = make(cell.method, opts)
+            scores_file = f"{stem}/{est.scores_file}"
+            s = np.load(self.out / scores_file)
+            if s.shape != (len(self.pool),):
+                raise ValueError(f"{self.out / scores_file}: shape {s.shape}, expected ({len(self.pool)},)")
+        idx = np.sort(np.asarray(est.select(s, cell.k, numpy_rng((cell.seed, 2))), dtype=np.int64))
+        target = next((t for t in self.cfg.targets if t.name == cell.target), None)
+        selections.write(
+            d,
+            idx,
+            pool=self.pool,
+            method=cell.method,
+            rule=RULES[cell.method](est),
+            seed=cell.seed,
+            target=[self.tasks[s].name for s in target.tasks] if target else [],
+            target_specs=target.tasks if target else [],
+            config={k: v for k, v in to_dict(est).items() if k != "scores"},
+            scores_file=scores_file,
+        )
+        mark_done(d, {"method": cell.method, "k": cell.k, "seed": cell.seed}, started=started, stage=name)
+
+    # -- evaluation models -------------------------------------------------------------------------------------------
+
+    def train_model(self, name: str, sel: str, cell: Cell, redo: bool) -> None:
+        from dsdm import selections
+        from dsdm.train import TrainConfig, train
+
+        indices, _ = selections.read(self.out / sel)
+        tcfg = _stage_cfg(
+            TrainConfig, self.cfg.eval_model, "eval_model", seed=cell.seed, device=self.cfg.device, tokens=cell.tokens
+        )
+        train(self.pool, indices, tcfg, self.out / name, force=redo)
+
+    def evaluate(self, name: str, model_stage: str, cell: Cell, redo: bool) -> None:
+        from dsdm.evaluate import evaluate_task
+        from dsdm.io import mark_done, write_json
+        from dsdm.model import load_model
+
+        started, d = time.time(), self._clean(name)
+        model = load_model(self.out / model_stage).to(self.device)
+        metrics = {}
+        for spec in self.eval_specs:
+            task = self.tasks[spec]
+            r = evaluate_task(
+                model,
+                self.pool.tokenizer,
+                task,
+                split="holdout",
+                max_examples=self.cfg.eval.max_examples or None,
+                batch_size=self.cfg.eval.batch_size,
+            )
+            metrics[task.name] = {k: r.get(k) for k in METRIC_KEYS}
+        write_json(d / "metrics.json", {"cell": dataclasses.asdict(cell), "model": model_stage, "metrics": metrics})
+        mark_done(d, {"eval": dataclasses.asdict(self.cfg.eval)}, started=started, stage=name)
+
+
+METRIC_KEYS = ("loss", "accuracy", "mc_accuracy", "chance", "loss_ci", "mc_ci", "n")
 
 
 def _stage_cfg(cls, data: dict, key: str, **fixed):
@@ -272,272 +605,104 @@ def _stage_cfg(cls, data: dict, key: str, **fixed):
     return from_dict(cls, {**data, **{k: v for k, v in fixed.items() if k in names}}, prefix=key + ".")
 
 
-class Runner:
-    """Runs an experiment in `out`; every step checks its cache first. `force` redoes cells whose config changed."""
-
-    def __init__(self, cfg: ExperimentConfig, out: str | Path, force: bool = False):
-        from dsdm.common import resolve_device
-
-        self.cfg, self.out, self.force = cfg, Path(out), force
-        self.device, self.device_reason = resolve_device(cfg.device)
-        self._tasks: dict[str, Any] = {}
-
-    def eval_groups(self) -> dict[str, list[str]]:
-        """Eval task names per target (its own holdouts) and under "unseen": how the report groups results."""
-        groups = {t.name: [self.task(s).name for s in t.tasks] for t in self.cfg.targets}
-        groups["unseen"] = [self.task(s).name for s in self.cfg.unseen]
-        return groups
-
-    # -- shared, compute-heavy stages ---------------------------------------------------------------------------
-
-    def pool(self):
-        from dsdm.pool import Pool
-
-        if self.cfg.pool.path:
-            return Pool(self.cfg.pool.path)
-        out = self.out / "pool"
-        if not (out / "_done.json").exists() or self.force:
-            from dsdm.ingest import PoolBuildConfig, build_pool
-
-            cfg = _stage_cfg(PoolBuildConfig, self.cfg.pool.build, "pool.build")
-            build_pool(self.cfg.pool.inputs, out, cfg, force=self.force)
-        return Pool(out)
-
-    def task(self, spec: str):
-        from dsdm.tasks import load_task
-
-        if spec not in self._tasks:
-            self._tasks[spec] = load_task(spec)
-        return self._tasks[spec]
-
-    def eval_tasks(self) -> list[str]:
-        specs = [s for t in self.cfg.targets for s in t.tasks] + list(self.cfg.unseen)
-        return list(dict.fromkeys(specs))
-
-    def features(self, pool) -> Path:
-        """Train the M proxies (dsdm.proxies) and featurize the pool with each (dsdm.featurize), once per run dir;
-        returns <out>/features, which dsdm.datamodel reads."""
-        from dsdm.featurize import FeaturizeConfig
-        from dsdm.featurize import run as featurize_run
-        from dsdm.proxies import ProxiesConfig
-        from dsdm.proxies import run as proxies_run
-
-        pcfg = _stage_cfg(ProxiesConfig, self.cfg.proxy, "proxy")
-        pdir = proxies_run(pool.path, self.out / "proxies", pcfg, force=self.force)
-        fcfg = _stage_cfg(FeaturizeConfig, self.cfg.featurize, "featurize", device=self.cfg.device)
-        return Path(featurize_run(pool.path, pdir, self.out / "features", fcfg, force=self.force))
-
-    # -- scores and selections ----------------------------------------------------------------------------------
-
-    def estimator(self, name: str, target: TargetSpec | None, seed: int):
-        """The dsdm.baselines object for `name` (dsdm / dsdm-inverse read this run's score file for `target`)."""
-        from dsdm.baselines import make
-
-        opts = dict(self.cfg.method_options.get(name, {}))
-        if name in ("dsdm", "dsdm-inverse"):
-            opts["scores"] = str(self.dsdm_scores(target))
-        if name == "random":
-            opts.setdefault("seed", seed)
-        return make(name, opts)
-
-    def dsdm_scores(self, target: TargetSpec) -> Path:
-        """<out>/scores/dsdm_<target>.npy: the equal-weight task-mix DsDm scores (dsdm.datamodel.run)."""
-        from dsdm.datamodel import ScoreConfig
-        from dsdm.datamodel import run as score_run
-
-        out = self.out / "scores" / f"dsdm_{target.name}.npy"
-        if not out.exists():
-            feats = self.features(self._pool)
-            score_run(feats, target.tasks, out, _stage_cfg(ScoreConfig, self.cfg.score, "score"), self.device)
-        return out
-
-    def scores(self, pool, method: str, target: TargetSpec | None, seed: int):
-        """(method object, (N,) scores or keep mask). Cached in <out>/scores/ except the seed-dependent random ones.
-
-        Fitting (pool sample, k-means) uses seed 0 whatever the cell seed, so scores are shared across seeds; the
-        cell seed drives the selection draw (DSIR's Gumbel noise, SemDeDup's uniform draw, random's scores)."""
-        from dsdm.baselines import fit_and_score, target_texts
-        from dsdm.common import log
-        from dsdm.io import read_json, save_npy, write_json
-
-        est = self.estimator(method, target, seed)
-        if method == "random":
-            return est, fit_and_score(est, pool, [], seed)[0]
-        tname = target.name if target else UNTARGETED_NAME
-        path = self.out / "scores" / f"{_score_stem(method, tname)}.npy"
-        if method in ("dsdm", "dsdm-inverse"):
-            est.fit()
-            return est, np.load(path)
-        key = {"options": self.cfg.method_options.get(method, {}), "pool": pool.fingerprint}
-        key["tasks"] = list(target.tasks) if target else []
-        side = path.with_suffix(".json")
-        if path.exists() and side.exists() and read_json(side) == key:
-            return est, np.load(path)
-        t0 = time.time()
-        tasks = [self.task(s) for s in target.tasks] if target else []
-        s, _ = fit_and_score(est, pool, target_texts(tasks), 0)
-        save_npy(path, np.asarray(s))
-        write_json(side, key)
-        log(f"scores {method}/{tname}: {time.time() - t0:.1f}s -> {path}")
-        return est, s
-
-    def selection(self, pool, cell: Cell) -> np.ndarray:
-        from dsdm.common import numpy_rng
-        from dsdm.io import is_done, mark_done, save_npy, write_json
-
-        d = self.out / "selections" / cell.selection
-        key = {"method": cell.method, "target": cell.target, "k": cell.k, "seed": cell.seed, "pool": pool.fingerprint}
-        key["options"] = self.cfg.method_options.get(cell.method, {})
-        if is_done(d, key, self.force):
-            return np.load(d / "indices.npy")
-        t0 = time.time()
-        target = next((t for t in self.cfg.targets if t.name == cell.target), None)
-        obj, s = self.scores(pool, cell.method, target, cell.seed)
-        idx = np.sort(np.asarray(obj.select(s, cell.k, numpy_rng((cell.seed, 2))), dtype=np.int64))
-        assert idx.shape == (cell.k,) and np.all(np.diff(idx) > 0), f"{cell.selection}: not k sorted unique indices"
-        save_npy(d / "indices.npy", idx)
-        sources = np.asarray(pool.meta.column("source").to_pylist(), dtype=object)[idx]
-        names, counts = np.unique(sources.astype(str), return_counts=True)
-        write_json(
-            d / "selection.json",
-            {
-                **key,
-                "scores": None if cell.method == "random" else f"scores/{_score_stem(cell.method, cell.target)}.npy",
-                "composition": {str(n): int(c) for n, c in zip(names, counts)},
-                "sign": "larger score = more helpful; top-k kept (dsdm-inverse: bottom-k)",
-            },
-        )
-        mark_done(d, key, started=t0)
-        return idx
-
-    # -- evaluation models ------------------------------------------------------------------------------------------
-
-    def train_and_eval(self, pool, cell: Cell, indices: np.ndarray) -> dict:
-        from dsdm.evaluate import evaluate_task
-        from dsdm.io import _diff_keys, read_json, write_json
-        from dsdm.model import load_model
-        from dsdm.train import TrainConfig, train
-
-        eval_path = self.out / "eval" / f"{cell.name}.json"
-        key = {**dataclasses.asdict(cell), "eval_model": self.cfg.eval_model, "eval": dataclasses.asdict(self.cfg.eval)}
-        key["eval_tasks"] = self.eval_tasks()
-        if eval_path.exists() and not self.force:
-            old = read_json(eval_path).get("key")
-            if old == json.loads(json.dumps(key)):
-                return read_json(eval_path)
-            changed = ", ".join(_diff_keys(old or {}, json.loads(json.dumps(key)))) or "(unknown)"
-            raise ValueError(
-                f"{eval_path} was produced by a different configuration (changed: {changed}). "
-                "Use another output directory, or pass --force to redo it."
-            )
-        tcfg = _stage_cfg(
-            TrainConfig, self.cfg.eval_model, "eval_model", seed=cell.seed, device=self.cfg.device, tokens=cell.tokens
-        )
-        model_dir = train(pool, indices, tcfg, self.out / "models" / cell.name)
-        model = load_model(model_dir).to(self.device)
-        metrics = {}
-        for spec in self.eval_tasks():
-            task = self.task(spec)
-            r = evaluate_task(
-                model,
-                pool.tokenizer,
-                task,
-                split="holdout",
-                max_examples=self.cfg.eval.max_examples or None,
-                batch_size=self.cfg.eval.batch_size,
-            )
-            metrics[task.name] = {k: r.get(k) for k in ("loss", "accuracy", "mc_accuracy", "loss_ci", "n")}
-        record = {"key": key, "cell": dataclasses.asdict(cell), "model": str(model_dir), "metrics": metrics}
-        write_json(eval_path, record)
-        return record
-
-    # -- the whole experiment ---------------------------------------------------------------------------------------
-
-    def run(self) -> Path:
-        from dsdm.common import log, progress
-        from dsdm.config import save_config
-        from dsdm.io import write_json
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.out / "config.yaml")
-        log(f"device {self.device}: {self.device_reason}")
-        pool = self._pool = self.pool()
-        cells = plan_cells(self.cfg, pool.seq_len, len(pool))
-        write_json(self.out / "eval_groups.json", self.eval_groups())
-        log(
-            f"{len(cells)} cells: {len(self.cfg.methods)} methods x {len(self.cfg.targets)} targets x "
-            f"{len(self.cfg.seeds)} seeds; budget {self.cfg.budget.tokens} tokens, seq_len {pool.seq_len}"
-        )
-        bar = progress(cells, desc="cells", unit="cell")
-        for cell in bar:
-            bar.set_postfix_str(cell.name)
-            self.train_and_eval(pool, cell, self.selection(pool, cell))
-        path = write_results(self.out)
-        log(f"wrote {path}")
-        return path
-
-
-def _score_stem(method: str, target: str) -> str:
-    """File stem under scores/: dsdm-inverse reads dsdm's scores (it keeps the bottom k)."""
-    return f"{'dsdm' if method == 'dsdm-inverse' else method}_{target}"
-
-
 # -----------------------------------------------------------------------------
-# results.csv
+# The whole experiment
 
 
-def collect_results(out: str | Path) -> list[dict]:
-    """One row per (cell, eval task) from <out>/eval/*.json, sorted."""
-    from dsdm.io import read_json
+def requirements(cfg: ExperimentConfig) -> dict[str, str]:
+    """{importable module: the pip extra that installs it} for everything this config will run."""
+    from dsdm.baselines import make
 
-    rows = []
-    for path in sorted((Path(out) / "eval").glob("*.json")):
-        rec = read_json(path)
-        c = rec["cell"]
-        for task, m in rec["metrics"].items():
-            rows.append(
-                {
-                    **{k: c[k] for k in RESULT_COLUMNS[:6]},
-                    "eval_task": task,
-                    "loss": m["loss"],
-                    "accuracy": m["accuracy"],
-                }
-            )
-    rows.sort(key=lambda r: tuple(str(r[k]) for k in ("target", "method", "eval_task")) + (r["k"], r["seed"]))
-    return rows
+    needs = {"matplotlib": "report"}
+    for method in cfg.methods:
+        opts = dict(cfg.method_options.get(method, {}))
+        if METHODS[method].estimator_scores:
+            opts.setdefault("scores", "-")  # the file is made by the run; only the settings are checked here
+        needs.update(make(method, opts).requires())
+    return needs
 
 
-def write_results(out: str | Path) -> Path:
-    from dsdm.io import atomic_path
+def plan(ctx: Context) -> tuple[list[Cell] | None, list[Stage], dict[str, str]]:
+    """(cells, stages, keys). Until a pool the run builds exists with its current settings, only the pool stage is
+    planned (the cells depend on the pool's size); plan again after it has run."""
+    from dsdm.io import read_record, record_key
 
-    path = Path(out) / "results.csv"
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        w.writeheader()
-        w.writerows(collect_results(out))
-    return path
+    cfg, out = ctx.cfg, ctx.out
+    keys: dict[str, str] = {}
+    if cfg.pool.path:  # an existing pool: its content fingerprint is the key every stage reading it depends on
+        keys["pool"] = record_key({"pool": {"fingerprint": ctx.pool.fingerprint}})
+    else:
+        if not ctx.pool_slice:
+            from dsdm.ingest import PoolBuildConfig, expand_inputs, input_fingerprints
+
+            settings = dataclasses.asdict(ctx._pool_cfg(PoolBuildConfig))
+            settings = {k: v for k, v in settings.items() if k not in ("workers", "batch_docs")}
+            files = input_fingerprints(expand_inputs(cfg.pool.inputs))
+            ctx.pool_slice = {"pool": {"build": settings, "inputs": [f["sha256"] for f in files]}}
+        pool_stage = Stage("pool", ctx.pool_slice, [], ctx.build_pool)
+        keys["pool"] = stage_key(pool_stage, keys)
+        if ((read_record(out / "pool") or {}).get("run") or {}).get("key") != keys["pool"]:
+            return None, [pool_stage], keys
+    cells = plan_cells(cfg, ctx.pool.seq_len, len(ctx.pool))
+    stages = plan_stages(cfg, out, ctx, cells)
+    for st in stages:
+        keys[st.name] = stage_key(st, keys)
+    return cells, ([] if cfg.pool.path else [pool_stage]) + stages, keys
 
 
-def read_results(path: str | Path) -> list[dict]:
-    """results.csv -> rows with k, seed, tokens as int and epochs, loss, accuracy as float (NaN if empty)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `dsdm experiment CONFIG --out {path.parent}` first")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and set(RESULT_COLUMNS) - set(rows[0]):
-        raise ValueError(f"{path}: missing columns {sorted(set(RESULT_COLUMNS) - set(rows[0]))}")
-    for r in rows:
-        for k in ("k", "seed", "tokens"):
-            r[k] = int(r[k])
-        for k in ("epochs", "loss", "accuracy"):
-            r[k] = float(r[k]) if r[k] not in ("", "None") else math.nan
-    return rows
+def recorded_stages(out: Path) -> list[str]:
+    """Names of the stages of `out` that hold a runner record."""
+    from dsdm.io import DONE_FILE, read_json
+
+    names = []
+    for marker in sorted(out.rglob(DONE_FILE)) if out.is_dir() else []:
+        run = read_json(marker).get("run")
+        if run:
+            names.append(run["stage"])
+    return names
 
 
 def run(cfg: ExperimentConfig, out: str | Path, force: bool = False) -> Path:
-    """Run (or resume) the experiment in `out`, then render the report; returns the report.html path."""
+    """Run (or resume) the experiment in `out`, then render the report; returns the report.html path.
+
+    Before any work: every dependency of the config is checked, the tasks are loaded, the cells are planned and every
+    stage already in `out` is compared with what this config would produce. If any differs, nothing runs unless
+    `force`: then those stages and everything downstream of them are recomputed."""
+    from dsdm import results
+    from dsdm.common import check_requirements, log, progress
+    from dsdm.config import save_config
+    from dsdm.io import run_lock, write_json
     from dsdm.report import render
 
-    Runner(cfg, out, force).run()
-    return render(out)
+    out = Path(out)
+    check_requirements(requirements(cfg), "dsdm experiment")
+    ctx = Context(cfg, out)  # loads and validates every task
+    cells, stages, keys = plan(ctx)
+    with run_lock(out):
+        stale = preflight(out, stages, keys)
+        if cells is None:  # the pool will be (re)built: every other recorded stage depends on it
+            stale += [(name, ["inputs.pool"]) for name in recorded_stages(out) if name != "pool"]
+        if stale and not force:
+            raise StaleRun(stale_message(out, stale))
+        for name, changed in stale:
+            log(f"recomputing {name} (changed: {', '.join(changed)})")
+        save_config(cfg, out / "config.yaml")
+        log(f"device {ctx.device}: {ctx.device_reason}")
+        if cells is None:
+            run_stage(out, stages[0], keys, force=True)
+            cells, stages, keys = plan(ctx)
+        log(
+            f"{len(cells)} cells: {len(cfg.methods)} methods x {len(cfg.targets)} targets x {len(cfg.seeds)} seeds; "
+            f"budget {cfg.budget.tokens} tokens, seq_len {ctx.pool.seq_len}"
+        )
+        write_json(out / "eval_groups.json", ctx.eval_groups())
+        bar = progress(total=len(stages), desc="stages", unit="stage")
+        for st in stages:
+            bar.set_postfix_str(st.name)
+            run_stage(out, st, keys, force)
+            bar.update(1)
+        bar.close()
+        rows = results.collect([out / f"eval/{c.name}/metrics.json" for c in cells])
+        path = results.write(out / "results.csv", rows)
+        log(f"wrote {path}")
+        return render(out)

@@ -1,19 +1,33 @@
-"""Disk conventions shared by every stage: atomic writes, JSON sidecars, completion markers, fingerprints.
+"""Disk conventions shared by every stage: atomic writes, JSON sidecars, stage records, fingerprints, the run lock.
 
-A stage writes only under its own directory; each finished output directory holds `_done.json` with the config slice
-that produced it, the dsdm version, the git SHA and the wall time. Re-running a stage whose marker matches its config
-does nothing; a mismatch is refused, naming the keys that changed (pass --force to redo the stage).
+A stage writes only under its own directory; each finished output directory holds one record, `_done.json`, written
+last (docs/runner.md):
+
+    {"stage": ..., "config": <the stage's config slice>, "config_hash": sha256(canonical JSON of the slice),
+     "inputs": {upstream name: upstream record key}, "key": sha256(config + inputs),
+     "outputs": {relative path: sha256 of the file}, "finished": ..., "wall_time_s": ..., dsdm version, git SHA}
+
+Re-running a stage whose record matches its config and inputs does nothing; a mismatch is refused, naming the keys
+that changed (pass --force to redo the stage). `verify` re-hashes every record's outputs, so a changed, missing or
+truncated file is found and named.
 Writes go to a temporary name in the same directory and are renamed into place, so a crash leaves either nothing or a
-whole file.
+whole file; a directory without its record is unfinished and is redone (or resumed where the stage can).
+
+Test hook (used by the crash tests, never set in normal use): DSDM_FAULT=kill@N sends SIGKILL to this process at the
+N-th atomic write, DSDM_FAULT=enospc@N raises OSError(ENOSPC) there, DSDM_FAULT=count=FILE writes the running count of
+atomic writes to FILE.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import tempfile
 import time
@@ -23,6 +37,40 @@ from typing import Any, Iterator
 import numpy as np
 
 DONE_FILE = "_done.json"
+LOCK_FILE = ".lock"
+IGNORED_DIRS = {"checkpoint"}  # in-progress state of a running stage: never part of its recorded outputs
+
+
+# -----------------------------------------------------------------------------
+# Fault injection for the crash tests (see the module docstring)
+
+_fault_count = 0
+
+
+def _fault_point() -> str | None:
+    """Count one atomic write; act on DSDM_FAULT. Returns "after" when the kill must follow the rename."""
+    global _fault_count
+    spec = os.environ.get("DSDM_FAULT")
+    if not spec:
+        return None
+    _fault_count += 1
+    if spec.startswith("count="):
+        Path(spec[6:]).write_text(str(_fault_count))
+        return None
+    action, _, at = spec.partition("@")
+    if not at.isdigit() or _fault_count != int(at):
+        return None
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, "No space left on device (injected by DSDM_FAULT)")
+    if action == "kill":
+        if _fault_count % 2:  # odd points die before the rename (a temp file is left), even points after it
+            _die()
+        return "after"
+    raise ValueError(f"DSDM_FAULT={spec!r}: expected kill@N, enospc@N or count=FILE")
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -35,7 +83,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        kill_after_rename = _fault_point() == "after"
         os.replace(tmp, path)
+        if kill_after_rename:
+            _die()
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -144,6 +195,53 @@ def provenance() -> dict:
     }
 
 
+def canonical_json(obj: Any) -> str:
+    """The one serialization every hash is taken of: sorted keys, no spaces, numpy/Path converted."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def plain(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples -> lists, numpy scalars -> Python), for comparisons."""
+    return json.loads(canonical_json(obj))
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def record_key(config: Any, inputs: dict | None = None) -> str:
+    """Identity of a stage's result: sha256 of its config slice and its inputs' keys."""
+    return sha256_text(canonical_json({"config": config, "inputs": inputs or {}}))
+
+
+def output_hashes(stage_dir: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file a stage wrote under `stage_dir`, in sorted order.
+
+    Left out: records (_done.json), dot-files (the run lock, temporary files of writes in progress or interrupted),
+    checkpoint/ folders, and sub-folders that hold their own record (a nested stage: its record hashes its own
+    files)."""
+    root = Path(stage_dir)
+    out: dict[str, str] = {}
+
+    def walk(d: Path) -> None:
+        for p in sorted(d.iterdir()):
+            if p.is_dir():
+                if p.name not in IGNORED_DIRS and not (p / DONE_FILE).exists():
+                    walk(p)
+            elif p.is_file() and p.name != DONE_FILE and not p.name.startswith("."):
+                out[p.relative_to(root).as_posix()] = sha256_file(p)
+
+    if root.is_dir():
+        walk(root)
+    return out
+
+
+def read_record(stage_dir: str | Path) -> dict | None:
+    """The stage's `_done.json`, or None if the stage has not finished."""
+    marker = Path(stage_dir) / DONE_FILE
+    return read_json(marker) if marker.exists() else None
+
+
 def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         keys = []
@@ -153,37 +251,59 @@ def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def is_done(stage_dir: str | Path, config: dict, force: bool = False) -> bool:
-    """True if `stage_dir` holds a completion marker written with this exact `config`.
+def changed_keys(record: dict, config: Any, inputs: dict | None = None) -> list[str]:
+    """Dotted keys of `config` (and `inputs.<name>`) that differ from what produced `record`; [] if none."""
+    keys = _diff_keys(record.get("config", {}), plain(config))
+    if inputs is not None:
+        keys += ["inputs." + k for k in _diff_keys(record.get("inputs") or {}, plain(inputs))]
+    return keys
 
-    A marker from a different config raises ValueError naming the changed keys, unless `force` (then False: redo).
+
+def is_done(stage_dir: str | Path, config: dict, force: bool = False, inputs: dict | None = None) -> bool:
+    """True if `stage_dir` holds a record written with this exact `config` (and `inputs`, when given).
+
+    A record from a different config raises ValueError naming the changed keys, unless `force` (then False: redo).
     """
-    marker = Path(stage_dir) / DONE_FILE
-    if not marker.exists():
+    record = read_record(stage_dir)
+    if record is None:
         return False
-    old = read_json(marker).get("config", {})
-    new = json.loads(json.dumps(config, default=_json_default))
-    if old == new:
+    changed = changed_keys(record, config, inputs)
+    if not changed:
         return True
     if force:
         return False
-    changed = ", ".join(_diff_keys(old, new)) or "(unknown)"
     raise ValueError(
-        f"{stage_dir} was produced by a different configuration (changed: {changed}). "
+        f"{stage_dir} was produced by a different configuration (changed: {', '.join(changed)}). "
         "Use another output directory, or pass --force to redo this stage."
     )
 
 
-def mark_done(stage_dir: str | Path, config: dict, started: float | None = None, **extra: Any) -> dict:
-    """Write `_done.json` (config + provenance + wall time + extra) last, after every output is in place."""
+def mark_done(
+    stage_dir: str | Path,
+    config: dict,
+    started: float | None = None,
+    *,
+    inputs: dict | None = None,
+    stage: str | None = None,
+    **extra: Any,
+) -> dict:
+    """Write the stage record `_done.json` last, after every output is in place; it hashes the outputs."""
+    stage_dir = Path(stage_dir)
+    config = plain(config)
+    inputs = plain(inputs or {})
     record = {
+        "stage": stage or stage_dir.name,
         "config": config,
+        "config_hash": sha256_text(canonical_json(config)),
+        "inputs": inputs,
+        "key": record_key(config, inputs),
+        "outputs": output_hashes(stage_dir),
         **provenance(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_time_s": None if started is None else round(time.time() - started, 3),
         **extra,
     }
-    write_json(Path(stage_dir) / DONE_FILE, record)
+    write_json(stage_dir / DONE_FILE, record)
     return record
 
 
@@ -192,3 +312,82 @@ def clear_done(stage_dir: str | Path) -> None:
     marker = Path(stage_dir) / DONE_FILE
     if marker.exists():
         marker.unlink()
+
+
+# -----------------------------------------------------------------------------
+# One writer per run directory
+
+
+class RunLocked(ValueError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold an advisory lock on `run_dir` (flock on <run_dir>/.lock) for the duration of the block.
+
+    A second process on the same directory is refused at once with the holder's pid; the lock dies with its process,
+    so a killed run never leaves a stale lock behind."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise RunLocked(
+                f"{run_dir} is in use by another dsdm process (pid {holder}); wait for it to finish or stop it, "
+                "or use another output directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+# -----------------------------------------------------------------------------
+# verify: the records read back
+
+
+def verify(run_dir: str | Path) -> tuple[list[str], int]:
+    """Re-hash the outputs of every stage record under `run_dir`. -> (problems, files checked).
+
+    A problem names the file and what is wrong: changed (sha256 differs), missing, or an unfinished stage that a
+    finished one depends on. Records without `outputs` (written by dsdm before records hashed their outputs) are
+    reported as unverifiable."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a directory")
+    problems: list[str] = []
+    checked = 0
+    records = sorted(run_dir.rglob(DONE_FILE))
+    if not records:
+        problems.append(f"{run_dir}: no stage records ({DONE_FILE}) found; is this a dsdm run directory?")
+    for marker in records:
+        stage_dir = marker.parent
+        try:
+            record = read_json(marker)
+        except (OSError, ValueError) as e:
+            problems.append(f"{marker}: unreadable record ({e})")
+            continue
+        outputs = record.get("outputs")
+        if outputs is None:
+            problems.append(f"{marker}: record has no output hashes (written by an older dsdm); cannot verify")
+            continue
+        for rel, digest in outputs.items():
+            path = stage_dir / rel
+            checked += 1
+            if not path.is_file():
+                problems.append(f"{path}: missing (recorded by {marker})")
+            elif sha256_file(path) != digest:
+                problems.append(f"{path}: changed since it was written (sha256 differs from {marker})")
+        run = record.get("run") or {}
+        for name, key in (run.get("inputs") or {}).items():
+            if name in run.get("external", []):
+                continue  # not part of this run directory (e.g. a pool given by path)
+            upstream = read_record(run_dir / name)
+            if upstream is None or (upstream.get("run") or {}).get("key") != key:
+                problems.append(f"{stage_dir}: its input {name} is missing or was recomputed after it (stale)")
+    return problems, checked

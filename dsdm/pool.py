@@ -108,6 +108,12 @@ class Pool:
         """Per-example metadata (example_id, doc_id, source, length, content_hash, ...), row i = example i."""
         return pq.read_table(self.path / "meta.parquet")
 
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One metadata column, read alone (the other columns are never loaded)."""
+        if self.__dict__.get("meta") is not None:
+            return self.meta.column(name)
+        return pq.read_table(self.path / "meta.parquet", columns=[name]).column(name)
+
     @cached_property
     def tokenizer(self):
         from tokenizers import Tokenizer

@@ -20,13 +20,27 @@ from __future__ import annotations
 import html
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dsdm.experiment import UNTARGETED_NAME, read_results
+from dsdm.baselines import METHODS
+from dsdm.results import UNTARGETED_NAME
+from dsdm.results import read as read_results
 
 METHOD_ORDER = ["random", "semdedup", "dsdm", "dsdm-inverse", "dsir", "classifier"]
+
+
+@dataclass
+class ReportSpec:
+    case_study: int = 5
+    """Top- and bottom-ranked documents shown per method and target."""
+    snippet_chars: int = 240
+    """Characters of each decoded document shown in the case study."""
+
+
+REFERENCE = next(m for m, cls in METHODS.items() if cls.reference)  # whose compute curve the others are read on
 
 
 # -----------------------------------------------------------------------------
@@ -95,10 +109,10 @@ def seed_losses(rows: list[dict], tasks: list[str]) -> dict[tuple, dict[int, flo
 def compute_curve(rows: list[dict], tasks: list[str]) -> list[tuple[float, float, float]]:
     """Random-data curve: [(multiplier, mean loss over tasks and seeds, s.d. over seeds)], sorted by multiplier."""
     T = budget_of(rows)
-    rand = [r for r in rows if r["method"] == "random" and r["target"] == UNTARGETED_NAME]
+    rand = [r for r in rows if r["method"] == REFERENCE and r["target"] == UNTARGETED_NAME]
     out = []
     for tokens in sorted({r["tokens"] for r in rand}):
-        per_seed = seed_means([r for r in rand if r["tokens"] == tokens], tasks).get((UNTARGETED_NAME, "random"), [])
+        per_seed = seed_means([r for r in rand if r["tokens"] == tokens], tasks).get((UNTARGETED_NAME, REFERENCE), [])
         if per_seed:
             m, sd, _ = mean_sd(per_seed)
             out.append((tokens / T, m, sd))
@@ -325,17 +339,31 @@ def fig_histograms(scores: dict[str, np.ndarray], path) -> Path | None:
 
 
 def load_artifacts(out: Path) -> tuple[dict, dict, dict]:
-    """(compositions by selection at seed 0, score vectors by file stem, eval groups) from a run directory."""
+    """(compositions by selection at the smallest seed, score vectors by score folder, eval groups) of a run."""
+    from dsdm.common import log
     from dsdm.io import read_json
 
-    comps = {}
-    for sel in sorted((out / "selections").glob("*/selection.json")):
-        rec = read_json(sel)
-        if rec.get("seed", 0) == min(0, rec.get("seed", 0)) and "composition" in rec:
-            comps[sel.parent.name] = rec["composition"]
-    scores = {p.stem: np.load(p) for p in sorted((out / "scores").glob("*.npy")) if not p.stem.endswith(".tasks")}
+    records = {p.parent.name: read_json(p) for p in sorted((out / "selections").glob("*/selection.json"))}
+    seeds = sorted({r["seed"] for r in records.values() if r.get("seed") is not None})
+    comps = {n: r["composition"] for n, r in records.items() if seeds and r.get("seed") == seeds[0]}
+    if records and not comps:
+        log(f"report: no selection of {out} has a seed and a composition; the composition figure is left out")
+    scores = {}
+    for d in sorted(p for p in (out / "scores").glob("*") if p.is_dir()):
+        for name in ("scores.npy", "keep.npy"):
+            if (d / name).exists():
+                scores[d.name] = np.load(d / name)
     groups = read_json(out / "eval_groups.json") if (out / "eval_groups.json").exists() else {}
     return comps, scores, groups
+
+
+def report_settings(out: Path) -> tuple[int, int]:
+    """(case_study, snippet_chars) from the run's config.yaml `report:` slice (ReportSpec)."""
+    from dsdm.config import from_dict, load_yaml
+
+    cfg = load_yaml(out / "config.yaml") if (out / "config.yaml").exists() else {}
+    spec = from_dict(ReportSpec, cfg.get("report") or {}, prefix="report.")
+    return spec.case_study, spec.snippet_chars
 
 
 def case_study(out: Path, scores: dict[str, np.ndarray], n: int, chars: int) -> list[tuple[str, list, list]]:
@@ -429,7 +457,7 @@ def render(out: str | Path) -> Path:
             fig_loss_vs_k(rows, groups, figs / "loss_vs_k.png"),
         ),
         ("Compute curve: random data at c x the budget", fig_compute(rows, groups, figs / "compute.png")),
-        ("Per-source composition of each selection (seed 0)", fig_composition(comps, figs / "composition.png")),
+        ("Per-source composition of each selection (first seed)", fig_composition(comps, figs / "composition.png")),
         ("Score histograms", fig_histograms(scores, figs / "score_hist.png")),
     ]
     figures = [(title, p) for title, p in figures if p is not None]
@@ -437,7 +465,7 @@ def render(out: str | Path) -> Path:
     acc_h, acc_r = comparison_table(rows, "accuracy")
     eq_h, eq_r = equivalent_table(rows, groups)
     hh_h, hh_r = head_to_head_table(rows, groups)
-    cases = case_study(out, scores, 5, 240)
+    cases = case_study(out, scores, *report_settings(out))
     sections = [
         ("Holdout loss (mean per-token NLL of the continuation; mean ± s.d. over seeds)", loss_h, loss_r),
         ("Accuracy (mean ± s.d. over seeds)", acc_h, acc_r),

@@ -377,8 +377,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
         "final_loss": curve[-1]["loss"] if curve else None,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
-        "wall_time_s": round(time.time() - started, 3),
-    }
+    }  # no wall time here: train.json is byte-identical across re-runs; _done.json records it
     write_json(out_dir / "train.json", summary)
     mark_done(out_dir, key, started=started, steps=total, final_loss=summary["final_loss"])
     shutil.rmtree(ckpt, ignore_errors=True)

@@ -11,16 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsdm.experiment import (
-    REPO_ROOT,
-    RESULT_COLUMNS,
-    UNTARGETED_NAME,
-    Cell,
-    ExperimentConfig,
-    load_experiment,
-    plan_cells,
-    read_results,
-)
+from dsdm.experiment import REPO_ROOT, Cell, ExperimentConfig, load_experiment, plan_cells
+from dsdm.results import COLUMNS as RESULT_COLUMNS
+from dsdm.results import UNTARGETED_NAME
+from dsdm.results import read as read_results
 
 CONFIGS = ["demo.yaml", "repro-cpu.yaml", "gpu-125m.yaml", "micro.yaml"]
 
@@ -165,13 +159,13 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path, capsys):
     for c in cells:
         sel = np.load(out / "selections" / c.selection / "indices.npy")
         assert sel.dtype == np.int64 and sel.shape == (c.k,) and np.all(np.diff(sel) > 0)
-        assert (out / "eval" / f"{c.name}.json").exists()
-    assert (out / "scores" / "dsdm_cooking.npy").exists() and (out / "config.yaml").exists()
+        assert (out / "eval" / c.name / "metrics.json").exists()
+    assert (out / "scores" / "dsdm_cooking" / "scores.npy").exists() and (out / "config.yaml").exists()
     check_report(out)
 
     # a re-run trains nothing: every cell is cached
-    mtimes = {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*.json")}
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*/metrics.json")}
     assert main(["experiment", str(resolved), "--out", str(out)]) == 0
-    assert {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*.json")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*/metrics.json")} == mtimes
     # a changed setting is refused, naming the key
-    assert main(["experiment", str(resolved), "--out", str(out), "--set", "method_options.dsir.num_buckets=99"]) == 1
+    assert main(["experiment", str(resolved), "--out", str(out), "--set", "method_options.dsir.num_buckets=99"]) == 2

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsdm.experiment import RESULT_COLUMNS, UNTARGETED_NAME, read_results
 from dsdm.report import aggregate, comparison_table, equivalent_compute, head_to_head_table, main_cells, render
+from dsdm.results import COLUMNS as RESULT_COLUMNS
+from dsdm.results import UNTARGETED_NAME
+from dsdm.results import read as read_results
 
 
 class _Collector(HTMLParser):
@@ -156,8 +158,8 @@ def test_render_writes_parsable_html_with_existing_images(tmp_path):
     sel = tmp_path / "selections" / "dsdm_a_16_s0"
     sel.mkdir(parents=True)
     (sel / "selection.json").write_text(json.dumps({"seed": 0, "composition": {"wiki": 10, "books": 6}}))
-    (tmp_path / "scores").mkdir()
-    np.save(tmp_path / "scores" / "dsdm_a.npy", np.random.default_rng(0).normal(size=200).astype(np.float32))
+    (tmp_path / "scores" / "dsdm_a").mkdir(parents=True)
+    np.save(tmp_path / "scores" / "dsdm_a" / "scores.npy", np.random.default_rng(0).normal(size=200).astype(np.float32))
     html = render(tmp_path)
     parser = check_report(tmp_path)
     assert {"figures/methods.png", "figures/compute.png", "figures/composition.png"} <= set(parser.images)

@@ -1,16 +1,23 @@
-"""The baselines of DsDm's comparison (docs/method.md §4) and the DsDm score files, behind one selection contract.
+"""The selection methods (docs/method.md §4) behind one contract, and the registry every driver iterates over.
 
-BASELINES maps a method name to a class that stores its hyper-parameters (a dataclass: typed, documented, validated),
-learns in `fit(target, pool_sample)` (trailing-underscore attributes, returns self) and then either
-    score(items) -> (n,) float, larger = keep     random, dsir, classifier, dsdm, dsdm-inverse
-or, for the untargeted de-duplication,
-    embed(texts) + dedup(embeddings) -> (N,) bool keep mask     semdedup
-and finally `select(scores_or_keep, k, rng)`, which goes through dsdm.select (top_k, bottom_k, gumbel_top_k,
-uniform_k). A new baseline is one file and one line here.
+METHODS maps a method name to a class that stores its hyper-parameters (a dataclass: typed, documented, validated),
+learns in `fit(target, pool_sample)` (trailing-underscore attributes, returns self), turns pool items into per-chunk
+outputs with `transform(items)` and reduces them with `finish(parts) -> ((N,) scores or keep mask, info)`, and picks
+k with `select(scores_or_keep, k, rng)`, which goes through dsdm.select (top_k, bottom_k, gumbel_top_k, uniform_k).
+What drivers need to know about a method is declared on its class, never tested by name:
 
-`run(...)` is the one place that touches disk: it streams the pool in chunks (decoded text or token ids, as the
-method asks), writes `scores.npy` (N,) float32 (or `keep.npy` (N,) bool for semdedup), `indices.npy` (k,) int64
-sorted ascending, and `selection.json`, then `_done.json`.
+    targeted               needs target texts (dsir, classifier, dsdm)
+    input                  what `transform` reads: "text", "tokens", or "none" (scores need only the pool size)
+    estimator_scores       the scores come from the DsDm estimator (`dsdm score`), read from a file
+    seed_dependent_scores  the scores themselves are drawn per seed (random): never shared across seeds
+    reference              the method whose models at 1x, 2x, 4x... compute make the compute curve (random)
+    scores_file            file name of the stored vector: scores.npy, or keep.npy for a keep mask
+    requires()             {importable module: dsdm extra} for the settings chosen, checked before any work
+
+A new method is one file and one line in METHODS.
+
+`run(...)` (`dsdm baseline`) is the one place here that touches disk: it streams the pool in chunks, writes the score
+vector and the selection through dsdm.selections (the one selection writer), then the stage record.
 
 Seeds: one --seed drives three independent numpy streams, (seed, 0) for the pool sample a method is fitted on,
 (seed, 1) for the random baseline's scores and (seed, 2) for the selection draw (Gumbel noise, Pareto draws,
@@ -31,7 +38,7 @@ from dsdm.baselines.dsir import DSIR
 from dsdm.baselines.random import Random
 from dsdm.baselines.semdedup import SemDeDup
 
-BASELINES: dict[str, type] = {
+METHODS: dict[str, type] = {
     "random": Random,
     "dsir": DSIR,
     "classifier": Classifier,
@@ -39,8 +46,8 @@ BASELINES: dict[str, type] = {
     "dsdm": DsdmScores,
     "dsdm-inverse": DsdmInverse,
 }
+BASELINES = METHODS  # the name `dsdm baseline` and older code use
 
-SELECTION_FORMAT = "dsdm-selection/1"
 CHUNK = 2048  # pool examples decoded / scored at a time
 
 
@@ -48,9 +55,15 @@ def make(method: str, params: dict[str, Any] | None = None):
     """A baseline by name from plain settings; unknown methods or keys raise ValueError naming them."""
     from dsdm.config import from_dict
 
-    if method not in BASELINES:
-        raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
-    return from_dict(BASELINES[method], params or {}, prefix=f"{method}.")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return from_dict(METHODS[method], params or {}, prefix=f"{method}.")
+
+
+def score_stage_name(method: str, target: str) -> str:
+    """Folder of a method's score vector in a run directory: scores/<method>_<target> (methods that read the DsDm
+    estimator's scores share one folder, so dsdm-inverse reads dsdm's)."""
+    return f"scores/{'dsdm' if METHODS[method].estimator_scores else method}_{target}"
 
 
 def target_texts(tasks) -> list[str]:
@@ -80,37 +93,24 @@ def fit_and_score(est, pool, targets: list[str], seed: int) -> tuple[np.ndarray,
     """Fit `est` and score every pool example. -> ((N,) scores or keep mask, info for selection.json)."""
     from dsdm.common import numpy_rng, progress
 
-    n, kind, info = len(pool), est.input, {}
+    n, kind = len(pool), est.input
     if est.targeted and kind != "none" and not targets:
         raise ValueError(f"{type(est).__name__} is targeted: pass at least one --target TASK")
-    if isinstance(est, Random):
+    if kind == "none":  # random draws its scores from the stream; a DsDm score file is read
         est.fit(rng=numpy_rng((seed, 1)))
-        return est.score(n), info
-    if kind == "none":  # dsdm score files
-        est.fit()
-        return est.score(n), info
-    sample_size = est.num_negatives(len(targets), n) if isinstance(est, Classifier) else min(n, est.fit_sample)
+        return est.score(n), {}
+    sample_size = est.sample_size(len(targets), n)
     sample = np.sort(numpy_rng((seed, 0)).choice(n, size=sample_size, replace=False))
     fit_target = encode_texts(pool, targets) if kind == "tokens" else targets
     est.fit(fit_target, read_items(pool, sample, kind))
-    info.update(fit_sample=int(sample_size), num_targets=len(targets))
     bar = progress(total=n, desc=f"{type(est).__name__.lower()} over pool", unit="ex")
-    out = []
+    parts = []
     for idx in _chunks(n):
-        items = read_items(pool, idx, kind)
-        out.append(est.embed(items) if isinstance(est, SemDeDup) else est.score(items))
+        parts.append(est.transform(read_items(pool, idx, kind)))
         bar.update(idx.shape[0])
     bar.close()
-    if isinstance(est, SemDeDup):
-        keep = est.dedup(np.concatenate(out) if out else np.zeros((0, 1), np.float32))
-        info.update(
-            eps=float(est.eps_),
-            kept=int(keep.sum()),
-            kept_fraction=est.kept_fraction_,
-            n_clusters=int(est.centroids_.shape[0]),
-        )
-        return keep, info
-    return np.concatenate(out) if out else np.zeros(0), info
+    scores, info = est.finish(parts)
+    return scores, {"fit_sample": int(sample_size), "num_targets": len(targets), **info}
 
 
 # -----------------------------------------------------------------------------
@@ -127,22 +127,24 @@ def run(
     params: dict[str, Any] | None = None,
     force: bool = False,
 ) -> dict:
-    """Run one baseline on a pool and write scores.npy|keep.npy, indices.npy, selection.json, _done.json.
+    """Run one method on a pool and write scores.npy|keep.npy, indices.npy, selection.json, _done.json.
 
     Returns the selection.json record. Re-running with the same settings does nothing (returns the stored record).
     """
-    from dsdm.common import log, numpy_rng
+    from dsdm import selections
+    from dsdm.common import check_requirements, log, numpy_rng
     from dsdm.config import to_dict
-    from dsdm.io import clear_done, is_done, mark_done, read_json, save_npy, write_json
+    from dsdm.io import clear_done, is_done, mark_done, read_json, save_npy
     from dsdm.pool import Pool
     from dsdm.tasks import load_task
 
     out_dir, started = Path(out_dir), time.time()
     pool = Pool(pool_dir)
     params = dict(params or {})
-    if method in BASELINES and "seed" in BASELINES[method].__dataclass_fields__:
+    if method in METHODS and "seed" in METHODS[method].__dataclass_fields__:
         params.setdefault("seed", int(seed))  # k-means / SVD seeds follow --seed unless set explicitly
     est = make(method, params)
+    check_requirements(est.requires(), f"dsdm baseline {method}")
     if not est.targeted:
         target_specs = []  # untargeted: --target plays no part (for dsdm it only labels the score file's target)
     tasks = [load_task(s) for s in target_specs]
@@ -162,34 +164,21 @@ def run(
     clear_done(out_dir)
     log(f"{method}: pool {pool.path} ({len(pool)} examples), k={k}, seed={seed}, targets={[t.name for t in tasks]}")
     scores, info = fit_and_score(est, pool, target_texts(tasks), seed)
-    chosen = est.select(scores, k, numpy_rng((seed, 2)))
-    indices = np.sort(chosen).astype(np.int64)
-    assert indices.shape == (k,) and np.unique(indices).shape[0] == k, "a selection must be k distinct indices"
-    if isinstance(est, SemDeDup):
-        save_npy(out_dir / "keep.npy", np.asarray(scores, dtype=bool))
-        score_file = "keep.npy"
-    else:
-        save_npy(out_dir / "scores.npy", np.asarray(scores, dtype=np.float32))
-        score_file = "scores.npy"
-    save_npy(out_dir / "indices.npy", indices)
-    record = {
-        "format": SELECTION_FORMAT,
-        "method": method,
-        "k": int(k),
-        "seed": int(seed),
-        "target": [t.name for t in tasks],
-        "target_specs": [str(s) for s in target_specs],
-        "config": to_dict(est),
-        "pool": {"path": str(pool.path), "fingerprint": pool.fingerprint, "num_examples": len(pool)},
-        "rule": RULES[method](est),
-        "sign": "larger score = keep",
-        "scores_file": score_file,
-        "indices_file": "indices.npy",
-        "indices_order": "ascending pool index",
+    indices = np.sort(np.asarray(est.select(scores, k, numpy_rng((seed, 2))), dtype=np.int64))
+    save_npy(out_dir / est.scores_file, np.asarray(scores, dtype=bool if est.scores_file == "keep.npy" else np.float32))
+    record = selections.write(
+        out_dir,
+        indices,
+        pool=pool,
+        method=method,
+        rule=RULES[method](est),
+        seed=seed,
+        target=[t.name for t in tasks],
+        target_specs=target_specs,
+        config=to_dict(est),
+        scores_file=est.scores_file,
         **info,
-        "wall_time_s": round(time.time() - started, 3),
-    }
-    write_json(out_dir / "selection.json", record)
+    )
     mark_done(out_dir, stage_cfg, started=started)
     log(f"{method}: wrote {k} indices to {out_dir / 'indices.npy'}")
     return record

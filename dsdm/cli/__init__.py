@@ -76,10 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from dsdm.common import MissingDependency
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        # User-facing errors (bad input, bad config) end with one clear message, not a traceback.
+    except (ValueError, FileNotFoundError, MissingDependency) as e:
+        # User-facing errors (bad input, bad config, a missing extra) end with one clear line and exit code 2, as
+        # argparse does for bad arguments; DSDM_DEBUG=1 shows the traceback instead.
+        if os.environ.get("DSDM_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"dsdm {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's trouble, not the input's (disk full, permissions): one line, exit 1
         if os.environ.get("DSDM_DEBUG"):
             raise
         print(f"dsdm {args.command}: error: {e}", file=sys.stderr)

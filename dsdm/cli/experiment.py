@@ -13,11 +13,18 @@ method, selection size k and seed train an evaluation model at the fixed token b
 holdout and unseen task. Random-data models at 1x, 2x, 4x... the budget give the compute curve.
 
 Reads: CONFIG (YAML), the pool inputs or pool directory, the task directories it names.
-Writes under --out: config.yaml (resolved), pool/, proxies/, features/, scores/,
-selections/<method>_<target>_<k>_s<seed>/, models/<cell>/, eval/<cell>.json,
-results.csv (target, method, k, epochs, seed, tokens, eval_task, loss, accuracy),
-report.md, report.html and figures/. Every stage and cell is cached: a re-run skips finished work; a changed setting
-is refused naming the key (use another --out, or --force to redo).
+Writes under --out: config.yaml (resolved), pool/, proxies/, features/, scores/<method>_<target>/,
+selections/<method>_<target>_<k>_s<seed>/, models/<cell>/, eval/<cell>/metrics.json,
+results.csv (target, method, k, epochs, seed, tokens, eval_task, loss, accuracy, mc_accuracy, chance),
+report.md, report.html and figures/.
+
+Every stage folder ends with a record, _done.json: its config slice, the keys of its inputs and the sha256 of every
+file it wrote. A re-run skips every stage whose record matches and resumes the rest (a killed run loses at most the
+stage in progress, and training resumes from its last checkpoint). Before any work, every dependency of the config
+is checked and every finished stage is compared with what this config would produce: a changed setting is refused,
+naming the stages and keys (e.g. score.ridge), and nothing is written; --force recomputes exactly those stages and
+everything downstream of them. One process at a time per --out (a lock names the holder's pid).
+Check a finished run with `dsdm verify DIR`.
 """
 
 DEMO_HELP = """\
@@ -29,6 +36,14 @@ Writes the same run directory as `dsdm experiment` under --out (default runs/dem
 REPORT_HELP = """\
 Re-render report.md, report.html and figures/ of a run directory from its results.csv, selections/ and scores/
 (e.g. after an interrupted run, or after changing dsdm.report). Reads and writes only inside DIR.
+"""
+
+
+VERIFY_HELP = """\
+Check a run directory (or any folder written by a dsdm stage) against its stage records: every _done.json lists the
+sha256 of each file its stage wrote, and the keys of the stages it read. verify re-hashes every listed file and names
+each one that changed, is missing, or whose stage depends on an input that was recomputed after it.
+Exit code 0 when everything matches, 1 when something does not. Reads only; writes nothing.
 """
 
 
@@ -65,17 +80,26 @@ def register(subparsers) -> None:
     p.add_argument("run_dir", metavar="DIR", help="run directory of `dsdm experiment` or `dsdm demo`")
     p.set_defaults(func=main_report)
 
+    p = subparsers.add_parser(
+        "verify",
+        help="re-hash every artifact of a run directory and name any file that changed, is missing or is stale",
+        description=VERIFY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="DIR", help="a run directory, or any stage folder with a _done.json")
+    p.set_defaults(func=main_verify)
+
 
 def _run(cfg, out: Path, force: bool) -> int:
     import time
 
-    from dsdm.experiment import read_results
+    from dsdm import results
     from dsdm.experiment import run as run_experiment
     from dsdm.report import comparison_table, text_table
 
     started = time.time()
     html = run_experiment(cfg, out, force=force)
-    header, rows = comparison_table(read_results(out / "results.csv"), "loss")
+    header, rows = comparison_table(results.read(out / "results.csv"), "loss")
     print("\nHoldout loss (mean per-token NLL of the continuation), mean ± s.d. over seeds:\n")
     print(text_table(header, rows))
     print(f"\nresults: {out / 'results.csv'}\nreport:  {html}\nwall time: {time.time() - started:.0f} s")
@@ -110,3 +134,13 @@ def main_report(args) -> int:
 
     print(render(args.run_dir))
     return 0
+
+
+def main_verify(args) -> int:
+    from dsdm.io import verify
+
+    problems, checked = verify(args.run_dir)
+    for p in problems:
+        print(p)
+    print(f"{args.run_dir}: {checked} files checked, {len(problems)} problem(s)")
+    return 1 if problems else 0
