@@ -41,9 +41,37 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dsdm.baselines import METHODS
-from dsdm.report import ReportSpec
+from dsdm import results, selections
+from dsdm.baselines import METHODS, RULES, fit_and_score, make, score_stage_name, target_texts
+from dsdm.common import check_requirements, log, numpy_rng, progress, resolve_device
+from dsdm.config import from_dict, load_config, save_config, to_dict
+from dsdm.datamodel import ScoreConfig
+from dsdm.datamodel import run as score_run
+from dsdm.evaluate import evaluate_task
+from dsdm.featurize import FeaturizeConfig
+from dsdm.featurize import run as featurize_run
+from dsdm.ingest import PoolBuildConfig, build_pool, expand_inputs, input_fingerprints
+from dsdm.io import (
+    DONE_FILE,
+    _diff_keys,
+    canonical_json,
+    mark_done,
+    read_json,
+    read_record,
+    record_key,
+    run_lock,
+    save_npy,
+    sha256_text,
+    write_json,
+)
+from dsdm.model import load_model
+from dsdm.pool import Pool
+from dsdm.proxies import ProxiesConfig
+from dsdm.proxies import run as proxies_run
+from dsdm.report import ReportSpec, render
 from dsdm.results import UNTARGETED_NAME
+from dsdm.tasks import load_task
+from dsdm.train import TrainConfig, train
 
 ALL_METHODS = tuple(METHODS)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +204,6 @@ class ExperimentConfig:
 def load_experiment(path: str | Path | None, overrides=(), base_dir: str | Path | None = None) -> ExperimentConfig:
     """YAML -> overrides -> validated config, with every relative data path resolved against `base_dir` (default:
     the current directory)."""
-    from dsdm.config import load_config
 
     cfg = load_config(ExperimentConfig, path, overrides)
     return resolve_paths(cfg, Path(base_dir) if base_dir else Path.cwd())
@@ -280,7 +307,6 @@ class Stage:
 
 def task_fingerprint(task) -> str:
     """sha256 of a task's examples (both splits): a changed task file changes every stage that reads it."""
-    from dsdm.io import canonical_json, sha256_text
 
     return sha256_text(
         canonical_json({s: [dataclasses.asdict(e) for e in task.split(s)] for s in ("target", "holdout")})
@@ -293,15 +319,12 @@ def _train_recipe(cfg: ExperimentConfig) -> dict:
 
 
 def stage_key(stage: Stage, keys: dict[str, str]) -> str:
-    from dsdm.io import record_key
 
     return record_key(stage.config, {name: keys[name] for name in stage.inputs})
 
 
 def plan_stages(cfg: ExperimentConfig, out: Path, ctx: "Context", cells: list[Cell]) -> list[Stage]:
     """Every stage of the experiment in execution order (pure: nothing runs)."""
-    from dsdm.baselines import METHODS, score_stage_name
-    from dsdm.config import to_dict
 
     stages: list[Stage] = []
     if not cfg.pool.path:
@@ -362,7 +385,6 @@ def preflight(out: Path, stages: list[Stage], keys: dict[str, str]) -> list[tupl
     """[(stage, changed keys)] of every stage whose record was produced by other settings or inputs, in order.
 
     A stage whose own settings are unchanged but whose input changed lists `inputs.<name>`."""
-    from dsdm.io import _diff_keys, read_record
 
     stale = []
     for st in stages:
@@ -387,7 +409,6 @@ def stale_message(out: Path, stale: list[tuple[str, list[str]]]) -> str:
 
 def run_stage(out: Path, st: Stage, keys: dict[str, str], force: bool) -> bool:
     """Run `st` unless its record matches its key; returns True if it ran. The record's `run` entry is written last."""
-    from dsdm.io import read_json, read_record, write_json
 
     record = read_record(out / st.name)
     run = (record or {}).get("run") or {}
@@ -421,8 +442,6 @@ class Context:
     the pool (opened once it exists). It holds no results: every stage reads its inputs from their folders."""
 
     def __init__(self, cfg: ExperimentConfig, out: Path):
-        from dsdm.common import resolve_device
-        from dsdm.tasks import load_task
 
         self.cfg, self.out = cfg, out
         self.device, self.device_reason = resolve_device(cfg.device)
@@ -445,7 +464,6 @@ class Context:
 
     @functools.cached_property
     def pool(self):
-        from dsdm.pool import Pool
 
         return Pool(self.pool_dir)
 
@@ -466,7 +484,6 @@ class Context:
     # -- shared, compute-heavy stages --------------------------------------------------------------------------
 
     def build_pool(self, redo: bool) -> None:
-        from dsdm.ingest import PoolBuildConfig, build_pool
 
         build_pool(self.cfg.pool.inputs, self.pool_dir, self._pool_cfg(PoolBuildConfig), force=redo)
         self.__dict__.pop("pool", None)
@@ -475,15 +492,11 @@ class Context:
         return _stage_cfg(cls, self.cfg.pool.build, "pool.build")
 
     def train_proxies(self, redo: bool) -> None:
-        from dsdm.proxies import ProxiesConfig
-        from dsdm.proxies import run as proxies_run
 
         pcfg = _stage_cfg(ProxiesConfig, self.cfg.proxy, "proxy")
         proxies_run(self.pool_dir, self.out / "proxies", pcfg, force=redo)
 
     def featurize(self, redo: bool) -> None:
-        from dsdm.featurize import FeaturizeConfig
-        from dsdm.featurize import run as featurize_run
 
         fcfg = _stage_cfg(FeaturizeConfig, self.cfg.featurize, "featurize", device=self.cfg.device)
         featurize_run(self.pool_dir, self.out / "proxies", self.out / "features", fcfg, force=redo)
@@ -492,9 +505,6 @@ class Context:
 
     def estimator_scores(self, name: str, target: TargetSpec, redo: bool) -> None:
         """scores/dsdm_<target>/scores.npy: the equal-weight task-mix DsDm scores (dsdm.datamodel.run)."""
-        from dsdm.datamodel import ScoreConfig
-        from dsdm.datamodel import run as score_run
-        from dsdm.io import mark_done
 
         started, d = time.time(), self._clean(name)
         scfg = _stage_cfg(ScoreConfig, self.cfg.score, "score")
@@ -504,9 +514,6 @@ class Context:
     def baseline_scores(self, name: str, method: str, target: TargetSpec | None, redo: bool) -> None:
         """scores/<method>_<target>/: the method fitted (seed 0, whatever the cell seed) and scored over the pool,
         so every seed's selection draws from the same scores: scores.npy (or keep.npy) + info.json."""
-        from dsdm.baselines import fit_and_score, make, target_texts
-        from dsdm.common import log
-        from dsdm.io import mark_done, save_npy, write_json
 
         started, d = time.time(), self._clean(name)
         est = make(method, self.cfg.method_options.get(method, {}))
@@ -520,11 +527,6 @@ class Context:
         log(f"{name}: {time.time() - started:.1f}s")
 
     def select(self, name: str, cell: Cell, redo: bool) -> None:
-        from dsdm import selections
-        from dsdm.baselines import METHODS, RULES, fit_and_score, make, score_stage_name
-        from dsdm.common import numpy_rng
-        from dsdm.config import to_dict
-        from dsdm.io import mark_done
 
         started, d = time.time(), self._clean(name)
         cls = METHODS[cell.method]
@@ -563,8 +565,6 @@ class Context:
     # -- evaluation models -------------------------------------------------------------------------------------------
 
     def train_model(self, name: str, sel: str, cell: Cell, redo: bool) -> None:
-        from dsdm import selections
-        from dsdm.train import TrainConfig, train
 
         indices, _ = selections.read(self.out / sel)
         tcfg = _stage_cfg(
@@ -573,9 +573,6 @@ class Context:
         train(self.pool, indices, tcfg, self.out / name, force=redo)
 
     def evaluate(self, name: str, model_stage: str, cell: Cell, redo: bool) -> None:
-        from dsdm.evaluate import evaluate_task
-        from dsdm.io import mark_done, write_json
-        from dsdm.model import load_model
 
         started, d = time.time(), self._clean(name)
         model = load_model(self.out / model_stage).to(self.device)
@@ -599,7 +596,6 @@ METRIC_KEYS = ("loss", "accuracy", "mc_accuracy", "chance", "loss_ci", "mc_ci", 
 
 
 def _stage_cfg(cls, data: dict, key: str, **fixed):
-    from dsdm.config import from_dict
 
     names = {f.name for f in dataclasses.fields(cls)}
     return from_dict(cls, {**data, **{k: v for k, v in fixed.items() if k in names}}, prefix=key + ".")
@@ -611,7 +607,6 @@ def _stage_cfg(cls, data: dict, key: str, **fixed):
 
 def requirements(cfg: ExperimentConfig) -> dict[str, str]:
     """{importable module: the pip extra that installs it} for everything this config will run."""
-    from dsdm.baselines import make
 
     needs = {"matplotlib": "report"}
     for method in cfg.methods:
@@ -625,7 +620,6 @@ def requirements(cfg: ExperimentConfig) -> dict[str, str]:
 def plan(ctx: Context) -> tuple[list[Cell] | None, list[Stage], dict[str, str]]:
     """(cells, stages, keys). Until a pool the run builds exists with its current settings, only the pool stage is
     planned (the cells depend on the pool's size); plan again after it has run."""
-    from dsdm.io import read_record, record_key
 
     cfg, out = ctx.cfg, ctx.out
     keys: dict[str, str] = {}
@@ -633,8 +627,6 @@ def plan(ctx: Context) -> tuple[list[Cell] | None, list[Stage], dict[str, str]]:
         keys["pool"] = record_key({"pool": {"fingerprint": ctx.pool.fingerprint}})
     else:
         if not ctx.pool_slice:
-            from dsdm.ingest import PoolBuildConfig, expand_inputs, input_fingerprints
-
             settings = dataclasses.asdict(ctx._pool_cfg(PoolBuildConfig))
             settings = {k: v for k, v in settings.items() if k not in ("workers", "batch_docs")}
             files = input_fingerprints(expand_inputs(cfg.pool.inputs))
@@ -652,7 +644,6 @@ def plan(ctx: Context) -> tuple[list[Cell] | None, list[Stage], dict[str, str]]:
 
 def recorded_stages(out: Path) -> list[str]:
     """Names of the stages of `out` that hold a runner record."""
-    from dsdm.io import DONE_FILE, read_json
 
     names = []
     for marker in sorted(out.rglob(DONE_FILE)) if out.is_dir() else []:
@@ -668,11 +659,6 @@ def run(cfg: ExperimentConfig, out: str | Path, force: bool = False) -> Path:
     Before any work: every dependency of the config is checked, the tasks are loaded, the cells are planned and every
     stage already in `out` is compared with what this config would produce. If any differs, nothing runs unless
     `force`: then those stages and everything downstream of them are recomputed."""
-    from dsdm import results
-    from dsdm.common import check_requirements, log, progress
-    from dsdm.config import save_config
-    from dsdm.io import run_lock, write_json
-    from dsdm.report import render
 
     out = Path(out)
     check_requirements(requirements(cfg), "dsdm experiment")
