@@ -351,7 +351,8 @@ def markdown(report: dict) -> str:
         if "skipped" in res:
             lines.append(f"skipped: {res['skipped']}")
             continue
-        rows = {k: v for k, v in res.items() if isinstance(v, dict) and k not in ("stages_s", "holdout_loss")}
+        speed = ("examples_per_s", "tokens_per_s", "GB_per_s")
+        rows = {k: v for k, v in res.items() if isinstance(v, dict) and any(c in v for c in speed)}
         cols = list(dict.fromkeys(c for v in rows.values() for c in v))  # union, first-seen order
         if rows:
             lines += ["| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
