@@ -25,7 +25,7 @@ def register(subparsers) -> None:
             "Reads: the pool directory (--pool).\n"
             "Writes under --out: subsets/proxy_<m>.npy (int64 indices), proxy_<m>/ (the trainer's checkpoint),\n"
             "manifest.json, _done.json. Finished proxies are skipped on a rerun. Trainer settings: --set train.KEY=V\n"
-            "(dsdm.train.TrainConfig keys) or a YAML with a `train:` mapping (configs/estimator-*.yaml)."
+            "(dsdm.train.TrainConfig keys) or --config YAML shaped like the `proxy:` section of configs/demo.yaml."
         ),
     )
     t.add_argument("--pool", required=True, metavar="DIR", help="pool directory (dsdm pool build)")
