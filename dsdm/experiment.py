@@ -68,6 +68,7 @@ from dsdm.model import load_model
 from dsdm.pool import Pool
 from dsdm.proxies import ProxiesConfig
 from dsdm.proxies import run as proxies_run
+from dsdm.references import ngram_references
 from dsdm.report import ReportSpec, render
 from dsdm.results import UNTARGETED_NAME
 from dsdm.tasks import load_task
@@ -324,12 +325,11 @@ def stage_key(stage: Stage, keys: dict[str, str]) -> str:
 
 
 def plan_stages(cfg: ExperimentConfig, out: Path, ctx: "Context", cells: list[Cell]) -> list[Stage]:
-    """Every stage of the experiment in execution order (pure: nothing runs)."""
-
+    """Every stage of the experiment after the pool, in execution order (pure: nothing runs)."""
     stages: list[Stage] = []
-    if not cfg.pool.path:
-        stages.append(Stage("pool", ctx.pool_slice, [], ctx.build_pool))
     pool_input = ["pool"]  # the run's pool stage, or the key of the existing pool at pool.path
+    ref = {"eval": {"max_examples": cfg.eval.max_examples}, "eval_tasks": ctx.task_hashes(ctx.eval_specs)}
+    stages.append(Stage("references", ref, pool_input, ctx.references))
     needs_features = any(METHODS[m].estimator_scores for m in cfg.methods)
     if needs_features:
         stages.append(Stage("proxies", {"proxy": cfg.proxy}, pool_input, ctx.train_proxies))
@@ -501,6 +501,15 @@ class Context:
         fcfg = _stage_cfg(FeaturizeConfig, self.cfg.featurize, "featurize", device=self.cfg.device)
         featurize_run(self.pool_dir, self.out / "proxies", self.out / "features", fcfg, force=redo)
 
+    def references(self, redo: bool) -> None:
+        """references/references.json: every eval task's holdout loss under the pool's unigram and bigram
+        statistics (dsdm.references), the lines a model must get below to be past n-grams."""
+        started, d = time.time(), self._clean("references")
+        tasks = [self.tasks[s] for s in self.eval_specs]
+        refs = ngram_references(self.pool, tasks, max_examples=self.cfg.eval.max_examples or None)
+        write_json(d / "references.json", refs)
+        mark_done(d, {"max_examples": self.cfg.eval.max_examples}, started=started, stage="references")
+
     # -- scores and selections -----------------------------------------------------------------------------------
 
     def estimator_scores(self, name: str, target: TargetSpec, redo: bool) -> None:
@@ -588,6 +597,7 @@ class Context:
                 batch_size=self.cfg.eval.batch_size,
             )
             metrics[task.name] = {k: r.get(k) for k in METRIC_KEYS}
+            metrics[task.name]["mc_correct"] = r.get("per_example", {}).get("mc_correct")  # for the report's CIs
         write_json(d / "metrics.json", {"cell": dataclasses.asdict(cell), "model": model_stage, "metrics": metrics})
         mark_done(d, {"eval": dataclasses.asdict(self.cfg.eval)}, started=started, stage=name)
 

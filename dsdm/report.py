@@ -167,6 +167,58 @@ def comparison_table(rows: list[dict], metric: str = "loss") -> tuple[list[str],
     return header, out
 
 
+REFERENCE_ROWS = (("unigram", "unigram (pool, add-one)"), ("bigram", "bigram (pool, Kneser-Ney)"))
+
+
+def reference_rows(refs: dict[str, dict[str, float]], tasks: list[str]) -> list[list[str]]:
+    """Rows for the loss table: each eval task's loss under the pool's n-gram statistics (dsdm.references)."""
+    if not refs:
+        return []
+    return [
+        ["reference", label, "", ""] + [f"{refs[t][key]:.3f}" if t in refs else "–" for t in tasks]
+        for key, label in REFERENCE_ROWS
+    ]
+
+
+def mc_table(rows: list[dict], outcomes: dict[tuple, list], seed: int = 0) -> tuple[list[str], list[list[str]]]:
+    """Multiple-choice accuracy of the main cells: mean over seeds [95% percentile bootstrap CI over the holdout
+    examples of every seed pooled], with a chance row. `outcomes`: (target, method, k, epochs, seed, tokens, task) ->
+    per-example correctness (None where an example has no choices). Tasks without an MC form are left out."""
+    main = [r for r in main_cells(rows) if not math.isnan(r["mc_accuracy"])]
+    tasks = sorted({r["eval_task"] for r in main})
+    header = ["target", "method", "k", "epochs"] + tasks
+    if not tasks:
+        return header, []
+    chance = {t: mean_sd([r["chance"] for r in main if r["eval_task"] == t])[0] for t in tasks}
+    out = [["chance", "", "", ""] + [f"{chance[t]:.3f}" for t in tasks]]
+    agg = aggregate(main, "mc_accuracy")
+    rank = {m: i for i, m in enumerate(ordered(k[1] for k in agg))}
+    keys = sorted({k[:5] for k in agg}, key=lambda k: (k[0] != UNTARGETED_NAME, k[0], rank[k[1]], k[2]))
+    rng = np.random.default_rng(seed)
+    for t, m, k, e, tok in keys:
+        cells = []
+        for task in tasks:
+            mu, _, n = agg.get((t, m, k, e, tok, task), (math.nan, math.nan, 0))
+            pooled = [
+                float(c)
+                for r in main
+                if (r["target"], r["method"], r["k"], r["epochs"], r["tokens"], r["eval_task"])
+                == (t, m, k, e, tok, task)
+                for c in outcomes.get((t, m, k, e, r["seed"], tok, task)) or []
+                if c is not None
+            ]
+            if math.isnan(mu):
+                cells.append("–")
+            elif len(pooled) > 1:
+                v = np.asarray(pooled)
+                lo, hi = np.quantile(v[rng.integers(0, v.size, size=(1000, v.size))].mean(1), [0.025, 0.975])
+                cells.append(f"{mu:.3f} [{lo:.3f}, {hi:.3f}]")
+            else:
+                cells.append(f"{mu:.3f}")
+        out.append([t, m, str(k), f"{e:g}"] + cells)
+    return header, out
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -193,8 +245,16 @@ def _plt():
     return plt
 
 
-def fig_methods(rows, groups, path) -> Path | None:
-    """Bar chart per target: mean holdout loss over the target's tasks, error bars = s.d. over seeds."""
+def reference_lines(ax, refs: dict, tasks: list[str]) -> None:
+    """Horizontal lines at the mean over `tasks` of the pool's unigram and bigram references (if known)."""
+    for (key, label), style in zip(REFERENCE_ROWS, ("--", "-.")):
+        if refs and all(t in refs for t in tasks):
+            ax.axhline(float(np.mean([refs[t][key] for t in tasks])), color="grey", ls=style, lw=1, label=label)
+
+
+def fig_methods(rows, groups, path, refs=None) -> Path | None:
+    """Bar chart per target: mean holdout loss over the target's tasks, error bars = s.d. over seeds; grey lines:
+    the pool's unigram and bigram references."""
     plt = _plt()
     main = main_cells(rows)
     targets = [t for t in groups if t != "unseen" and groups[t]]
@@ -214,6 +274,11 @@ def fig_methods(rows, groups, path) -> Path | None:
             means.append(mu)
             sds.append(sd)
         ax.bar(range(len(labels)), means, yerr=sds, capsize=3, color="#4c72b0")
+        reference_lines(ax, refs, tasks)
+        if refs and all(t in refs for t in tasks):
+            means = means + [float(np.mean([refs[t][key] for t in tasks])) for key, _ in REFERENCE_ROWS]
+            sds = sds + [0.0, 0.0]
+            ax.legend(fontsize=6)
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
         if means:
             lo, hi = min(means) - 2 * max(sds + [0.01]), max(means) + 2 * max(sds + [0.01])
@@ -260,7 +325,7 @@ def fig_loss_vs_k(rows, groups, path) -> Path | None:
     return path
 
 
-def fig_compute(rows, groups, path) -> Path | None:
+def fig_compute(rows, groups, path, refs=None) -> Path | None:
     """Random-data compute curve per eval group, with each method's main-cell loss as a horizontal line."""
     plt = _plt()
     panels = [g for g in groups if groups[g]]
@@ -273,6 +338,7 @@ def fig_compute(rows, groups, path) -> Path | None:
     for ax, g in zip(axes[0], panels):
         c, mu, sd = zip(*curves[g])
         ax.errorbar(c, mu, yerr=sd, marker="o", color="black", capsize=3, label="random, c x T tokens")
+        reference_lines(ax, refs, groups[g])
         sm = seed_means(main, groups[g])
         for i, ((t, m), v) in enumerate(sorted(sm.items())):
             if m == "random" or (g != "unseen" and t not in (g, UNTARGETED_NAME)):
@@ -355,6 +421,22 @@ def load_artifacts(out: Path) -> tuple[dict, dict, dict]:
                 scores[d.name] = np.load(d / name)
     groups = read_json(out / "eval_groups.json") if (out / "eval_groups.json").exists() else {}
     return comps, scores, groups
+
+
+def load_evaluations(out: Path) -> tuple[dict, dict]:
+    """(n-gram references {task: {unigram, bigram, ...}}, per-example MC outcomes keyed by cell and task)."""
+    from dsdm.io import read_json
+
+    refs_path = out / "references" / "references.json"
+    refs = read_json(refs_path) if refs_path.exists() else {}
+    outcomes = {}
+    for path in sorted((out / "eval").glob("*/metrics.json")):
+        rec = read_json(path)
+        c = rec["cell"]
+        for task, m in rec["metrics"].items():
+            key = (c["target"], c["method"], c["k"], round(float(c["epochs"]), 3), c["seed"], c["tokens"], task)
+            outcomes[key] = m.get("mc_correct")
+    return refs, outcomes
 
 
 def report_settings(out: Path) -> tuple[int, int]:
@@ -446,29 +528,41 @@ def render(out: str | Path) -> Path:
     if not rows:
         raise ValueError(f"{out}/results.csv has no rows: no cell has finished yet")
     comps, scores, groups = load_artifacts(out)
+    refs, outcomes = load_evaluations(out)
     if not groups:
         groups = {"all": sorted({r["eval_task"] for r in rows})}
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     figures = [
-        ("Holdout loss per method (error bars: s.d. over seeds)", fig_methods(rows, groups, figs / "methods.png")),
+        (
+            "Holdout loss per method (error bars: s.d. over seeds; grey: the pool's n-gram references)",
+            fig_methods(rows, groups, figs / "methods.png", refs),
+        ),
         (
             "Holdout loss vs selection size k at a fixed token budget",
             fig_loss_vs_k(rows, groups, figs / "loss_vs_k.png"),
         ),
-        ("Compute curve: random data at c x the budget", fig_compute(rows, groups, figs / "compute.png")),
+        ("Compute curve: random data at c x the budget", fig_compute(rows, groups, figs / "compute.png", refs)),
         ("Per-source composition of each selection (first seed)", fig_composition(comps, figs / "composition.png")),
         ("Score histograms", fig_histograms(scores, figs / "score_hist.png")),
     ]
     figures = [(title, p) for title, p in figures if p is not None]
     loss_h, loss_r = comparison_table(rows, "loss")
+    loss_r = loss_r + reference_rows(refs, loss_h[4:])
     acc_h, acc_r = comparison_table(rows, "accuracy")
+    mc_h, mc_r = mc_table(rows, outcomes)
     eq_h, eq_r = equivalent_table(rows, groups)
     hh_h, hh_r = head_to_head_table(rows, groups)
     cases = case_study(out, scores, *report_settings(out))
     sections = [
-        ("Holdout loss (mean per-token NLL of the continuation; mean ± s.d. over seeds)", loss_h, loss_r),
-        ("Accuracy (mean ± s.d. over seeds)", acc_h, acc_r),
+        (
+            "Holdout loss (mean per-token NLL of the continuation; mean ± s.d. over seeds; reference rows: the same "
+            "loss under the pool's unigram and bigram statistics)",
+            loss_h,
+            loss_r,
+        ),
+        ("Multiple-choice accuracy (mean over seeds [95% bootstrap CI over the examples of all seeds])", mc_h, mc_r),
+        ("Greedy exact-match accuracy (mean ± s.d. over seeds)", acc_h, acc_r),
         ("Equivalent × compute (random-data curve, log-linear; > / < = extrapolated)", eq_h, eq_r),
         ("DsDm head to head (paired by seed; delta < 0 = DsDm has the lower loss)", hh_h, hh_r),
     ]

@@ -174,3 +174,32 @@ def test_render_writes_parsable_html_with_existing_images(tmp_path):
 def test_render_refuses_missing_results(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.csv"):
         render(tmp_path)
+
+
+def test_mc_table_pools_the_examples_of_every_seed_and_shows_chance(tmp_path):
+    """Planted outcomes: dsdm's main cell answers 3 of 4 examples right in seed 0 and 1 of 4 in seed 1, so its MC
+    accuracy is 0.5 and the pooled bootstrap CI lies within [0, 1] around it; tasks without an MC form are left out."""
+    from dsdm.report import mc_table, reference_rows
+
+    rows = _table()
+    for r in rows:
+        has_mc = r["eval_task"] != "u"
+        r["mc_accuracy"], r["chance"] = (0.5, 0.25) if has_mc else (None, None)
+    _write_csv(tmp_path / "results.csv", rows)
+    rows = read_results(tmp_path / "results.csv")
+    outcomes = {
+        ("a", "dsdm", 16, 4.0, 0, 4096, "a"): [True, True, True, False],
+        ("a", "dsdm", 16, 4.0, 1, 4096, "a"): [True, False, False, None],  # None: an example without choices
+    }
+    header, table = mc_table(rows, outcomes)
+    assert header[4:] == ["a", "b"] and table[0][:1] == ["chance"] and table[0][4:] == ["0.250", "0.250"]
+    line = next(r for r in table if r[:2] == ["a", "dsdm"])
+    mean, ci = line[4].split(" ", 1)
+    lo, hi = (float(x) for x in ci.strip("[]").split(", "))
+    assert float(mean) == 0.5 and 0.0 <= lo < 4 / 7 < hi <= 1.0  # 4 right of 7 pooled examples
+    assert line[5] == "0.500"  # no per-example outcomes stored: the mean alone, no invented CI
+    refs = {"a": {"unigram": 6.0, "bigram": 5.5}, "b": {"unigram": 6.1, "bigram": 5.6}}
+    assert reference_rows(refs, ["a", "b", "u"]) == [
+        ["reference", "unigram (pool, add-one)", "", "", "6.000", "6.100", "–"],
+        ["reference", "bigram (pool, Kneser-Ney)", "", "", "5.500", "5.600", "–"],
+    ]
