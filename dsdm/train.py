@@ -10,8 +10,8 @@ repeated for as many epochs as that needs; epoch e visits it in a permutation dr
 straight across epoch boundaries, so the examples of step s are a pure function of (indices, seed, s, batch_size).
 Each epoch's permutation is drawn once (batch_stream), so a step costs O(batch) whatever the selection size.
 
-Speed (none of it changes the CPU default's numbers): batches are assembled by a background thread (`prefetch`),
-pinned and copied with non_blocking on CUDA; the running loss stays on the device and is read every `log_every`
+Speed (none of it changes the CPU default's numbers): on CUDA batches are assembled by a background thread
+(`prefetch`), pinned and copied with non_blocking; the running loss stays on the device and is read every `log_every`
 steps; on CUDA the loss is a chunked cross-entropy through the LM head (chunked_lm_loss: never the fp32 logits of the
 whole batch, ~13 GB at 64 x 1024 x 50k); `accum_steps` splits a step into micro-batches with the same mean loss.
 
@@ -78,8 +78,9 @@ class TrainConfig:
     loss_chunk: int = 0
     """Tokens per chunk of the chunked LM-head cross-entropy (chunked_lm_loss). 0 = auto: 8192 on CUDA, off on
     CPU (one F.cross_entropy over the batch's logits: today's numbers). -1 = off everywhere."""
-    prefetch: int = 2
-    """Batches assembled ahead by a background thread (0 = on the main thread). Same batches either way."""
+    prefetch: int = -1
+    """Batches assembled ahead by a background thread; 0 = on the main thread; -1 = auto: 2 on CUDA, 0 on CPU
+    (on 2 CPU cores the thread competes with torch's and cost 7-20% of nano's tokens/s). Same batches either way."""
     fused_optimizer: bool = False
     """Fused AdamW on CPU too (always fused on CUDA). Opt-in on CPU: it changes float rounding."""
     checkpoint_every: int = 0
@@ -96,8 +97,8 @@ class TrainConfig:
             raise ValueError("batch_size and lr must be positive")
         if self.accum_steps <= 0 or self.batch_size % self.accum_steps:
             raise ValueError(f"accum_steps={self.accum_steps} must be positive and divide batch_size={self.batch_size}")
-        if self.loss_chunk < -1 or self.prefetch < 0:
-            raise ValueError("loss_chunk must be >= -1 and prefetch >= 0")
+        if self.loss_chunk < -1 or self.prefetch < -1:
+            raise ValueError("loss_chunk and prefetch must be >= -1 (-1: off / auto)")
         if not 0 <= self.warmup_fraction < 1 or not 0 <= self.final_lr_fraction <= 1:
             raise ValueError("warmup_fraction must be in [0, 1) and final_lr_fraction in [0, 1]")
 
@@ -328,7 +329,8 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
     # The running loss stays on the device (float64: the same additions Python floats did) and is read only when
     # a curve row or a checkpoint needs it, so a step never waits for the GPU.
     loss_acc = torch.tensor(loss_sum, dtype=torch.float64, device=device)
-    batches = prefetch(_batches(pool, batch_stream(indices, step, cfg.batch_size, cfg.seed), device), cfg.prefetch)
+    depth = cfg.prefetch if cfg.prefetch >= 0 else (2 if device.type == "cuda" else 0)
+    batches = prefetch(_batches(pool, batch_stream(indices, step, cfg.batch_size, cfg.seed), device), depth)
     try:
         while step < total:
             tokens, mask = next(batches)
