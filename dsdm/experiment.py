@@ -64,7 +64,7 @@ from dsdm.io import (
     sha256_text,
     write_json,
 )
-from dsdm.model import load_model
+from dsdm.model import PRESETS, load_model
 from dsdm.pool import Pool
 from dsdm.proxies import ProxiesConfig
 from dsdm.proxies import run as proxies_run
@@ -627,6 +627,21 @@ def requirements(cfg: ExperimentConfig) -> dict[str, str]:
     return needs
 
 
+def check_stage_configs(cfg: ExperimentConfig) -> None:
+    """Build every stage's own config dataclass from its mapping, so an unknown key or a wrong type in `proxy`,
+    `featurize`, `score` or `eval_model` fails before any work, naming the dotted key."""
+    pcfg = _stage_cfg(ProxiesConfig, cfg.proxy, "proxy")
+    trainers = {"proxy.train": _stage_cfg(TrainConfig, pcfg.train, "proxy.train")}
+    _stage_cfg(FeaturizeConfig, cfg.featurize, "featurize", device=cfg.device)
+    _stage_cfg(ScoreConfig, cfg.score, "score")
+    trainers["eval_model"] = _stage_cfg(TrainConfig, cfg.eval_model, "eval_model", tokens=cfg.budget.tokens)
+    for key, tcfg in trainers.items():
+        if not tcfg.init_from and tcfg.preset not in PRESETS:
+            raise ValueError(f"{key}.preset: unknown model preset {tcfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    if cfg.pool.inputs:
+        _stage_cfg(PoolBuildConfig, cfg.pool.build, "pool.build")
+
+
 def plan(ctx: Context) -> tuple[list[Cell] | None, list[Stage], dict[str, str]]:
     """(cells, stages, keys). Until a pool the run builds exists with its current settings, only the pool stage is
     planned (the cells depend on the pool's size); plan again after it has run."""
@@ -671,6 +686,7 @@ def run(cfg: ExperimentConfig, out: str | Path, force: bool = False) -> Path:
     `force`: then those stages and everything downstream of them are recomputed."""
 
     out = Path(out)
+    check_stage_configs(cfg)
     check_requirements(requirements(cfg), "dsdm experiment")
     ctx = Context(cfg, out)  # loads and validates every task
     cells, stages, keys = plan(ctx)

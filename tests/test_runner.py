@@ -172,6 +172,9 @@ def test_missing_optional_dependency_fails_before_any_work(micro, tmp_path, monk
         (["--set", "unseen=[nowhere]"], "nowhere"),
         (["--set", "methods=[random,bogus]"], "bogus"),
         (["--set", "method_options.dsir.num_bucket=3"], "dsir.num_bucket"),
+        (["--set", "featurize.proj_dimm=8"], "featurize.proj_dimm"),
+        (["--set", "proxy.train.lr=fast"], "proxy.train.lr"),
+        (["--set", "eval_model.preset=nope"], "nope"),
     ],
 )
 def test_bad_config_is_one_line_exit_2_nothing_written(micro, tmp_path, capsys, args, match):
