@@ -203,3 +203,15 @@ def test_mc_table_pools_the_examples_of_every_seed_and_shows_chance(tmp_path):
         ["reference", "unigram (pool, add-one)", "", "", "6.000", "6.100", "–"],
         ["reference", "bigram (pool, Kneser-Ney)", "", "", "5.500", "5.600", "–"],
     ]
+
+
+def test_composition_uses_the_first_seed_whatever_its_value(tmp_path):
+    """Seeds [1, 2] (no seed 0) used to give an empty composition figure (issue 14 defect 4)."""
+    from dsdm.report import load_artifacts
+
+    for name, seed in (("dsdm_a_16_s1", 1), ("dsdm_a_16_s2", 2), ("random_untargeted_64_s1", 1)):
+        d = tmp_path / "selections" / name
+        d.mkdir(parents=True)
+        (d / "selection.json").write_text(json.dumps({"seed": seed, "composition": {"wiki": seed, "books": 3}}))
+    comps, _, _ = load_artifacts(tmp_path)
+    assert sorted(comps) == ["dsdm_a_16_s1", "random_untargeted_64_s1"]

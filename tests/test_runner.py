@@ -330,3 +330,20 @@ def test_kill_anywhere_resumes_to_the_same_bytes(built, tmp_path):
         # finished stages were not redone: their records are the ones written before the kill
         assert {p: read_json(p)["finished"] for p in finished} == finished
         assert verify(out)[0] == []
+
+
+def test_report_honours_case_study_and_snippet_chars(micro, tmp_path):
+    """report.case_study / report.snippet_chars were documented but ignored (issue 14 defect 4)."""
+    from dsdm.report import render
+
+    _, ref = micro
+    out = _copy(ref, tmp_path / "run")
+    cfg = load_yaml(out / "config.yaml")
+    cfg["report"] = {"case_study": 2, "snippet_chars": 30}
+    (out / "config.yaml").write_text(json.dumps(cfg))
+    render(out)
+    md = (out / "report.md").read_text()
+    section = md.split("## Case study")[1].split("### ")[1]  # the first score folder's top and bottom lists
+    items = [ln for ln in section.splitlines() if ln.startswith("- #")]
+    assert len(items) == 4  # 2 top + 2 bottom
+    assert all(len(ln.split("): ", 1)[1].rstrip("…")) <= 30 for ln in items)
