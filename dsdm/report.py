@@ -521,8 +521,10 @@ def head_to_head_table(rows, groups, method: str = "dsdm") -> tuple[list[str], l
 
 def render(out: str | Path) -> Path:
     """Write <out>/report.md, <out>/report.html and <out>/figures/*.png from <out>/results.csv; returns the HTML."""
+    from dsdm.common import check_requirements
     from dsdm.io import atomic_write_text
 
+    check_requirements({"matplotlib": "report"}, "dsdm report")  # before reading anything: the figures need it
     out = Path(out)
     rows = read_results(out / "results.csv")
     if not rows:
