@@ -94,7 +94,8 @@ def default_bos_id(tokenizer) -> int:
 def evaluate_examples(model, tokenizer, examples, device="cpu", batch_size: int = 32, bos_id: int | None = None):
     """Per-example results for a list of TaskExample. Returns a dict of (n,) arrays: loss (mean NLL per continuation
     token), correct (greedy exact match), has_choices (bool) and, where has_choices (False / nan elsewhere):
-    mc_correct and mc_correct_norm (bool: summed / per-character log-probability picks the answer), n_choices."""
+    mc_correct and mc_correct_norm (bool: summed / per-character log-probability picks the answer), n_choices,
+    and choice_logp: per example the (n_choices,) summed log-probability of each choice (None without choices)."""
     from dsdm.tasks import encode_examples
 
     bos_id = default_bos_id(tokenizer) if bos_id is None else bos_id
@@ -130,6 +131,7 @@ def evaluate_examples(model, tokenizer, examples, device="cpu", batch_size: int 
         "mc_correct": mc,
         "mc_correct_norm": mc_norm,
         "n_choices": n_choices,
+        "choice_logp": [logp.get(i) for i in range(n)] if has.any() else [None] * n,
     }
 
 
@@ -212,10 +214,13 @@ def run(
     max_examples: int = 0,
     batch_size: int = 32,
     device: str = "auto",
+    lm_eval_dirs: list[str] | None = None,
 ) -> dict:
     """Evaluate a model directory on tasks and write one JSON {model, split, tasks: {name: metrics}} atomically.
 
-    The tokenizer is `tokenizer_path` (a tokenizer.json or a pool directory), else model_dir/tokenizer.json."""
+    The tokenizer is `tokenizer_path` (a tokenizer.json or a pool directory), else model_dir/tokenizer.json.
+    `lm_eval_dirs`: task folders from `dsdm tasks export-lm-eval`, run through lm-eval's HF backend on the same
+    model and tokenizer (all their examples; max_examples does not apply); results under "lm_eval"."""
     from tokenizers import Tokenizer
 
     from dsdm.common import log, resolve_device
@@ -229,6 +234,15 @@ def run(
         tok = tok / "tokenizer.json"
     if not tok.exists():
         raise FileNotFoundError(f"{tok} not found: pass --tokenizer POOL_DIR (or a tokenizer.json) to evaluate with")
+    if lm_eval_dirs:  # fail before any work when the extra is missing or a folder holds no task
+        from dsdm.harness import INSTALL, task_names
+
+        try:
+            import lm_eval.models.huggingface  # noqa: F401
+        except ImportError:
+            raise ImportError(INSTALL) from None
+        for d in lm_eval_dirs:
+            task_names(d)
     tokenizer = Tokenizer.from_file(str(tok))
     dev, why = resolve_device(device)
     log(f"device {why}")
@@ -244,5 +258,11 @@ def run(
             f"  accuracy {r['accuracy']:.3f}{mc}"
         )
     record = {"model": str(model_dir.resolve()), "tokenizer": str(tok.resolve()), "split": split, "tasks": results}
+    if lm_eval_dirs:
+        from dsdm.harness import run_lm_eval
+
+        record["lm_eval"] = run_lm_eval(model_dir, lm_eval_dirs, tok, device=str(dev), batch_size=batch_size)
+        for name, m in record["lm_eval"].items():
+            log(f"lm-eval {name} (n={m['n']}): " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n"))
     write_json(out, record)
     return record

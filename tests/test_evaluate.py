@@ -115,3 +115,53 @@ def test_passage_and_example_distractors(name):
     if name == "lambada_style":  # distractors are words of the passage, like the answer
         ex = examples[0]
         assert all(c.strip() in ex.context for c in ex.choices)
+
+
+# ---- lm-evaluation-harness: export, and the same numbers from both tools ------------------------------------------
+
+
+def test_export_lm_eval_writes_the_multiple_choice_form(tmp_path):
+    import json
+
+    import yaml
+
+    from dsdm.harness import export_task, task_names
+
+    task = load_task("data/demo/tasks/algorithmic")  # no choices in the files: dsdm's distractors are exported
+    path = export_task(task, tmp_path / "alg")
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["task"] == "dsdm_algorithmic" and cfg["output_type"] == "multiple_choice"
+    assert cfg["target_delimiter"] == "" and cfg["doc_to_choice"] == "choices"
+    rows = [json.loads(x) for x in open(cfg["dataset_kwargs"]["data_files"]["test"])]
+    ours = mc_examples(task)
+    assert [(r["context"], tuple(r["choices"]), r["answer"]) for r in rows] == [
+        (ex.context, ex.choices, ex.answer) for ex in ours
+    ]
+    assert task_names(tmp_path / "alg") == ["dsdm_algorithmic"]
+    with pytest.raises(FileNotFoundError, match="export-lm-eval"):
+        task_names(tmp_path)
+
+
+def test_lm_eval_and_dsdm_agree_on_the_same_model(tmp_path):
+    pytest.importorskip("lm_eval.models.huggingface", reason="lm-eval not installed (pip install 'dsdm[lm-eval]')")
+    from dsdm.evaluate import evaluate_examples
+    from dsdm.harness import export_task, run_lm_eval
+    from dsdm.model import build_model, save_model
+    from dsdm.tokenizer import train_bpe
+
+    task = load_task("data/demo/tasks/country_capital")
+    texts = [ex.context + c for ex in task.target + task.holdout for c in ex.choices]
+    tok = train_bpe(texts, 400)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model = build_model("micro", tok.get_vocab_size(), 64, seed=0)
+    save_model(model, tmp_path / "model")
+    export_task(task, tmp_path / "lm")
+    theirs = run_lm_eval(tmp_path / "model", [tmp_path / "lm"], tmp_path / "tokenizer.json", samples=True)
+    ours = evaluate_task(model, tok, task)
+    r = theirs["dsdm_country_capital"]
+    assert r["n"] == ours["n_mc"] == len(task.holdout)
+    assert r["acc"] == pytest.approx(ours["mc_accuracy"]) and r["acc_norm"] == pytest.approx(ours["mc_accuracy_norm"])
+    per_choice = evaluate_examples(model, tok, mc_examples(task))["choice_logp"]
+    np.testing.assert_allclose(
+        np.concatenate(theirs["_samples"]["dsdm_country_capital"]), np.concatenate(per_choice), atol=1e-3
+    )

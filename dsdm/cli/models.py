@@ -39,13 +39,25 @@ def register(subparsers) -> None:
         formatter_class=RAW,
         description=(
             "Per task: mean per-token NLL of the continuation given the context (with a bootstrap 95% CI over\n"
-            "examples), greedy exact-match accuracy, and multiple-choice accuracy where examples have choices.\n\n"
+            "examples), greedy exact-match accuracy, and multiple-choice accuracy (summed log-probability, as\n"
+            "lm-eval's acc; per-character as acc_norm) against its chance level, on the task's own choices or\n"
+            "distractors drawn from the task (dsdm.tasks.mc_examples). With --lm-eval, lm-evaluation-harness scores\n"
+            "the same model on exported task folders; its acc equals dsdm's mc_accuracy on the same choices.\n"
+            "Writes one JSON (--out).\n\n"
             "example: dsdm evaluate --model runs/m --tokenizer runs/pool --task data/demo/tasks/squad_style "
-            "--out eval.json"
+            "--out eval.json\n"
+            "         dsdm tasks export-lm-eval data/demo/tasks/kjv_verse --out runs/lm/kjv\n"
+            "         dsdm evaluate --model runs/m --tokenizer runs/pool --lm-eval runs/lm/kjv --out eval.json"
         ),
     )
     e.add_argument("--model", required=True, metavar="DIR", help="a dsdm model or any local HF causal LM directory")
-    e.add_argument("--task", required=True, nargs="+", metavar="TASK", help="task specs (see dsdm.tasks)")
+    e.add_argument("--task", nargs="+", default=[], metavar="TASK", help="task specs (see dsdm.tasks)")
+    e.add_argument(
+        "--lm-eval",
+        metavar="TASK_DIR[,TASK_DIR...]",
+        help="also run lm-evaluation-harness (HF backend, offline) on task folders written by `dsdm tasks "
+        "export-lm-eval`; needs the lm-eval extra: pip install 'dsdm[lm-eval]'",
+    )
     e.add_argument("--tokenizer", metavar="PATH", help="pool directory or tokenizer.json (default: the model's)")
     e.add_argument("--split", default="holdout", choices=["target", "holdout"])
     e.add_argument("--max-examples", type=int, default=0, help="seeded subsample per task (0 = all)")
@@ -76,14 +88,29 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from dsdm.evaluate import run
 
+    lm_dirs = [d for d in (args.lm_eval or "").split(",") if d]
+    if not args.task and not lm_dirs:
+        print("dsdm evaluate: give --task TASK ... and/or --lm-eval TASK_DIR")
+        return 2
     rec = run(
-        args.model, args.task, args.out, args.tokenizer, args.split, args.max_examples, args.batch_size, args.device
+        args.model,
+        args.task,
+        args.out,
+        args.tokenizer,
+        args.split,
+        args.max_examples,
+        args.batch_size,
+        args.device,
+        lm_eval_dirs=lm_dirs,
     )
-    print(f"{'task':24s} {'n':>5s} {'loss':>8s} {'95% CI':>19s} {'acc':>6s} {'mc_acc':>6s}")
+    print(f"{'task':24s} {'n':>5s} {'loss':>8s} {'95% CI':>19s} {'acc':>6s} {'mc_acc':>6s} {'chance':>6s}")
     for name, r in rec["tasks"].items():
         mc = "" if r["mc_accuracy"] is None else f"{r['mc_accuracy']:.3f}"
+        chance = "" if r["chance"] is None else f"{r['chance']:.3f}"
         ci = f"[{r['loss_ci'][0]:.3f}, {r['loss_ci'][1]:.3f}]"
-        print(f"{name:24s} {r['n']:5d} {r['loss']:8.4f} {ci:>19s} {r['accuracy']:6.3f} {mc:>6s}")
+        print(f"{name:24s} {r['n']:5d} {r['loss']:8.4f} {ci:>19s} {r['accuracy']:6.3f} {mc:>6s} {chance:>6s}")
+    for name, m in rec.get("lm_eval", {}).items():
+        print(f"lm-eval {name}: " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "n") + f"  (n={m['n']})")
     print(args.out)
     return 0
 

@@ -36,6 +36,20 @@ def register(sub) -> None:
     leak.add_argument("tasks", nargs="+", metavar="TASK")
     leak.add_argument("--show", type=int, default=5, help="leaked example ids shown per task (default 5)")
     leak.set_defaults(func=check_leak)
+    ex = tsub.add_parser(
+        "export-lm-eval",
+        help="write a task as an lm-evaluation-harness task folder (YAML + local data)",
+        description="Reads TASK (" + TASK_SPEC + ") and writes under --out an lm-eval task: <split>.jsonl with "
+        "the multiple-choice form dsdm evaluates (the task's own choices, or the answer and 3 seeded distractors "
+        "drawn from the task) and dsdm_<name>.yaml (output_type multiple_choice, metrics acc and acc_norm; data "
+        "named by absolute path). Run it with `dsdm evaluate --lm-eval DIR` or `lm_eval --include_path DIR "
+        "--tasks dsdm_<name>`; both run offline.",
+    )
+    ex.add_argument("task", metavar="TASK")
+    ex.add_argument("--out", required=True, metavar="DIR")
+    ex.add_argument("--split", default="holdout", choices=["target", "holdout"])
+    ex.add_argument("--seed", type=int, default=0, help="seed of the distractors (default 0, as dsdm evaluate)")
+    ex.set_defaults(func=export_lm_eval)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
@@ -74,3 +88,11 @@ def check_leak(args) -> int:
         shown = ", ".join(ids[: args.show]) + (" ..." if len(ids) > args.show else "")
         print(f"{t.name[:24]:24s} {len(t.holdout):8d} {len(ids):7d}  {shown}")
     return 1 if any(leaks.values()) else 0
+
+
+def export_lm_eval(args) -> int:
+    from dsdm.harness import export_task
+    from dsdm.tasks import load_task
+
+    print(export_task(load_task(args.task), args.out, args.split, args.seed))
+    return 0
