@@ -9,7 +9,12 @@ and the parameter names are GPT-2's (`transformer.h.0.attn.c_attn`, ...). Only t
 Conv1D stores (in, out), we use nn.Linear (out, in), because the factorized featurizer (dsdm.featurize) hooks
 nn.Linear layers. `save_model` transposes, so a saved model is a plain GPT-2 checkpoint (`config.json` +
 `model.safetensors`) that `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads, and `load_model` reads any
-GPT-2 checkpoint (ours or a downloaded one) back into this class.
+GPT-2 checkpoint (ours or a downloaded one) back into this class. Given the pool's tokenizer, `save_model` also writes
+it beside the weights (`tokenizer.json` + `tokenizer_config.json`, for `AutoTokenizer`) and puts its EOS id in
+config.json as bos/eos/pad id (GPT-2's defaults, 50256, would name a token outside a small vocabulary).
+
+Untrusted files: weights are read from safetensors, or from a torch pickle with `weights_only=True` only
+(`load_weights`); a pickle holding anything but tensors and plain containers is refused with a one-line error.
 
 Attention runs through torch SDPA (flash / memory-efficient kernels on GPU). `attn_impl="eager"` is the explicit
 softmax(QK^T)V path: torch.func.vmap has no batching rule for SDPA's backward on CPU, so the dense (exact per-example
@@ -18,7 +23,10 @@ gradient) featurizer switches to it.
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -201,9 +209,14 @@ class HFCausalLM(nn.Module):
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # Conv1D layout
 
 
-def hf_gpt2_config(cfg: GPTConfig) -> dict:
-    """The transformers GPT2Config (as JSON) describing `cfg`; dsdm's own fields ride along under `dsdm`."""
+def hf_gpt2_config(cfg: GPTConfig, eos_id: int | None = None) -> dict:
+    """The transformers GPT2Config (as JSON) describing `cfg`; dsdm's own fields ride along under `dsdm`. `eos_id`
+    (the pool tokenizer's end-of-document id) is also the bos and pad id, as in GPT-2; None when unknown, so nobody
+    inherits GPT2Config's default 50256."""
     return {
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": eos_id,
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": cfg.vocab_size,
@@ -227,8 +240,18 @@ def hf_gpt2_config(cfg: GPTConfig) -> dict:
     }
 
 
-def save_model(model: GPT, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write `model` as a GPT-2 checkpoint: out_dir/config.json + model.safetensors (atomically, weights first)."""
+def save_model(
+    model: GPT,
+    out_dir: str | Path,
+    extra: dict | None = None,
+    *,
+    eos_id: int | None = None,
+    tokenizer_json: str | Path | None = None,
+) -> Path:
+    """Write `model` as a GPT-2 checkpoint: out_dir/config.json + model.safetensors (atomically, weights first).
+
+    With the pool's `tokenizer_json` and `eos_id`, the tokenizer is saved beside it (save_tokenizer_files) and
+    config.json names eos_id as bos/eos/pad id."""
     from safetensors.torch import save_file
 
     from dsdm.io import atomic_path, write_json
@@ -243,8 +266,49 @@ def save_model(model: GPT, out_dir: str | Path, extra: dict | None = None) -> Pa
         state[name] = (t.t() if name.endswith(_TRANSPOSED) else t).contiguous()
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json(out_dir / "config.json", {**hf_gpt2_config(model.config), **(extra or {})})
+    if tokenizer_json is not None:
+        if eos_id is None:
+            raise ValueError("save_model: a tokenizer needs its eos_id (the pool's, pool.eos_id)")
+        save_tokenizer_files(tokenizer_json, eos_id, model.config.seq_len, out_dir)
+    write_json(out_dir / "config.json", {**hf_gpt2_config(model.config, eos_id), **(extra or {})})
     return out_dir
+
+
+def save_tokenizer_files(tokenizer_json: str | Path, eos_id: int, seq_len: int, out_dir: Path) -> None:
+    """tokenizer.json (copied) + tokenizer_config.json: what `AutoTokenizer.from_pretrained(out_dir)` needs to build
+    a PreTrainedTokenizerFast with the pool's EOS as eos, bos and pad token."""
+    from dsdm.io import atomic_path, write_json
+
+    vocab = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    eos = next((t["content"] for t in vocab.get("added_tokens", []) if t["id"] == eos_id), None)
+    if eos is None:
+        eos = next((tok for tok, i in vocab.get("model", {}).get("vocab", {}).items() if i == eos_id), None)
+    if eos is None:
+        raise ValueError(f"{tokenizer_json}: no token has the pool's eos id {eos_id}; is it the pool's tokenizer?")
+    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        shutil.copyfile(tokenizer_json, tmp)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eos,
+        "eos_token": eos,
+        "pad_token": eos,
+        "model_max_length": seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    write_json(out_dir / "tokenizer_config.json", config)
+
+
+def load_weights(path: Path, map_location="cpu") -> dict:
+    """torch.load(path, weights_only=True): tensors and plain containers only. A pickle that would build any other
+    object (and so could run code) is refused with a one-line ValueError naming the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path}: refused, the pickle holds more than tensors ({first}); load only files you trust, "
+            "as safetensors (model.safetensors) or a plain state dict"
+        ) from None
 
 
 def _gpt_config_from_hf(hf: dict) -> GPTConfig | None:
@@ -296,7 +360,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
 
             state = load_file(str(weights))
         else:
-            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            state = load_weights(path / "pytorch_model.bin")
         model = GPT(cfg)
         own = {}
         for name, t in state.items():
@@ -318,6 +382,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
         raise ValueError(f"{path} is not a GPT-2 checkpoint; loading other models needs `pip install dsdm[hf]`") from e
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: transformers could not load it as a causal LM offline: {e}") from e
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: transformers could not load it as a causal LM offline: {first}") from e
     return HFCausalLM(hf).eval()

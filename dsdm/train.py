@@ -272,7 +272,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
     from dsdm.common import log, progress, resolve_device, resolve_dtype
     from dsdm.config import to_dict
     from dsdm.io import clear_done, is_done, mark_done, write_json
-    from dsdm.model import GPT, save_model
+    from dsdm.model import GPT, load_weights, save_model
 
     out_dir = Path(out_dir)
     indices = np.arange(len(pool), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -304,7 +304,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
     ckpt = out_dir / "checkpoint"
     step, curve, loss_sum, loss_n = 0, [], 0.0, 0
     if (ckpt / "state.pt").exists() and not force:
-        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=True)
+        state = load_weights(ckpt / "state.pt", map_location=device)  # tensors only: a planted pickle is refused
         meta = state["meta"]
         if json.loads(json.dumps(meta["key"])) != json.loads(json.dumps(key)):
             raise ValueError(f"{ckpt} belongs to another run configuration; remove it or pass --force")
@@ -366,7 +366,8 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
     bar.close()
 
     if isinstance(model, GPT):
-        save_model(model.cpu(), out_dir)
+        tokenizer = pool.path / pool.manifest.get("tokenizer_file", "tokenizer.json")  # the ids' tokenizer, beside
+        save_model(model.cpu(), out_dir, eos_id=pool.eos_id, tokenizer_json=tokenizer if tokenizer.exists() else None)
     else:  # a Hugging Face model we continued training
         model.hf.save_pretrained(str(out_dir), safe_serialization=True)
     _write_curve(out_dir / "curve.csv", curve)
