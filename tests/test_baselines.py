@@ -277,8 +277,8 @@ def test_cli_runs_every_method_on_a_tiny_pool(tmp_path):
     assert main(["baseline", "random", "--pool", str(pool.path), "--k", "20", "--out", str(tmp_path / "random")]) == 0
     assert (tmp_path / "random" / "_done.json").read_text() == before
     args = ["baseline", "random", "--pool", str(pool.path), "--k", "21", "--out", str(tmp_path / "random")]
-    assert main(args) == 1
-    assert main(["baseline", "dsir", "--pool", str(pool.path), "--k", "5", "--out", str(tmp_path / "x")]) == 1
+    assert main(args) == 2
+    assert main(["baseline", "dsir", "--pool", str(pool.path), "--k", "5", "--out", str(tmp_path / "x")]) == 2
 
 
 def test_random_refuses_to_run_unseeded():

@@ -199,7 +199,7 @@ def test_cli_pool_build_and_info(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "examples" in printed and "books" in printed and "length" in printed
     bad = _jsonl(tmp_path / "bad.jsonl", ["{oops"])
-    assert main(["pool", "build", str(bad), "--out", str(tmp_path / "p2"), "--tokenizer", "train:300"]) == 1
+    assert main(["pool", "build", str(bad), "--out", str(tmp_path / "p2"), "--tokenizer", "train:300"]) == 2
     assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
 
 
@@ -247,7 +247,7 @@ def test_truncated_compressed_input_is_a_one_line_error_or_a_counted_skip(tmp_pa
     assert "\n" not in msg and not (tmp_path / "p1" / "_done.json").exists()
     out = tmp_path / "p2"
     args = ["pool", "build", str(src), "--out", str(out), "--tokenizer", "train:300", "--seq-len", "16"]
-    assert main(args + ["--workers", "1"]) == 1
+    assert main(args + ["--workers", "1"]) == 2
     assert main(args + ["--workers", "1", "--on-error", "skip"]) == 0
     m = Pool(out).manifest
     assert m["skipped"] == {"truncated_file": 1} and m["skipped_examples"]["truncated_file"][0].startswith(str(src))

@@ -120,5 +120,5 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     manifest = json.loads((run / "features" / "manifest.json").read_text())
     (run / "features" / "manifest.json").write_text(json.dumps({**manifest, "sketch_version": 1}))
     score = ["score", "--features", str(run / "features"), "--target", str(tmp_path / "tasks" / "cooking")]
-    assert main(score + ["--out", str(run / "s.npy")]) == 1
+    assert main(score + ["--out", str(run / "s.npy")]) == 2
     assert "sketch version 1" in capsys.readouterr().err
