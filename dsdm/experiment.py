@@ -71,7 +71,7 @@ from dsdm.proxies import run as proxies_run
 from dsdm.references import ngram_references
 from dsdm.report import ReportSpec, render
 from dsdm.results import UNTARGETED_NAME
-from dsdm.tasks import load_task
+from dsdm.tasks import load_task, resolve_spec
 from dsdm.train import TrainConfig, train
 
 ALL_METHODS = tuple(METHODS)
@@ -212,16 +212,13 @@ def load_experiment(path: str | Path | None, overrides=(), base_dir: str | Path 
 
 def resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     def fix(p: str) -> str:
-        if not p:
-            return p
-        parts = [str(q if Path(q).is_absolute() else (base / q)) for q in p.split(",")]  # "T.jsonl,H.jsonl" specs
-        return ",".join(parts)
+        return str(p if not p or Path(p).is_absolute() else base / p)
 
     cfg.pool.path = fix(cfg.pool.path)
     cfg.pool.inputs = [fix(p) for p in cfg.pool.inputs]
     for t in cfg.targets:
-        t.tasks = [fix(p) for p in t.tasks]
-    cfg.unseen = [fix(p) for p in cfg.unseen]
+        t.tasks = [resolve_spec(p, base) for p in t.tasks]  # "T.jsonl,H.jsonl" and name=NAME:... specs too
+    cfg.unseen = [resolve_spec(p, base) for p in cfg.unseen]
     return cfg
 
 

@@ -169,3 +169,12 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*/metrics.json")} == mtimes
     # a changed setting is refused, naming the key
     assert main(["experiment", str(resolved), "--out", str(out), "--set", "method_options.dsir.num_buckets=99"]) == 2
+
+
+def test_task_specs_resolve_against_the_base_keeping_a_name_prefix(tmp_path):
+    from dsdm.experiment import resolve_paths
+
+    cfg = _cfg(targets=[{"name": "qa", "tasks": ["name=qa:t/qa.t.jsonl,t/qa.h.jsonl", "/abs/task"]}], unseen=["u"])
+    cfg = resolve_paths(cfg, tmp_path)
+    assert cfg.targets[0].tasks == [f"name=qa:{tmp_path}/t/qa.t.jsonl,{tmp_path}/t/qa.h.jsonl", "/abs/task"]
+    assert cfg.unseen == [str(tmp_path / "u")] and cfg.pool.path == str(tmp_path / "p")
