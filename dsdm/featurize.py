@@ -12,6 +12,10 @@ tests/test_featurize.py). batch_size = 0 picks the batch from free GPU memory (1
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import socket
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -82,7 +86,13 @@ class FeaturizeConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     executor: str = "local"
-    """local (one process, progress in examples/s) | ray (one Ray task per shard, same store, same numbers)."""
+    """local (one process, progress in examples/s) | ray (a pool of Ray actors, each opening the pool and the proxy
+    from their paths once and filling the shards it is handed: the same store, bitwise the same numbers)."""
+    ray_address: str | None = None
+    """executor=ray: None starts a local Ray cluster; 'auto' joins the cluster this machine is in (`ray start`);
+    'ray://HOST:PORT' a remote head."""
+    ray_worker_cpus: float = 1
+    """executor=ray: CPUs (and torch threads) per actor; one actor per GPU instead when device is cuda."""
 
     def __post_init__(self):
         if self.proj_dim <= 0:
@@ -103,10 +113,14 @@ class FeaturizeConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.gram not in ("float64", "float32"):
             raise ValueError(f"gram must be float64 or float32, got {self.gram!r}")
+        if self.ray_worker_cpus <= 0:
+            raise ValueError(f"ray_worker_cpus must be positive, got {self.ray_worker_cpus}")
         if self.batch_size < 0 or self.shard_size <= 0:
             raise ValueError("batch_size must be >= 0 (0 = auto) and shard_size positive")
 
 
+# Where and how the work runs, not what it computes: never part of a store's completion key.
+_WHERE_NOT_WHAT = ("device", "executor", "ray_address", "ray_worker_cpus")
 # Fields added after stores existed: left out of the completion key at their defaults, so those stores stay valid.
 _NEW_DEFAULTS = {"dense_rng": "pcg64", "precision": "float32", "gram": "float64"}
 
@@ -139,7 +153,7 @@ def featurize_shard(
     summed on `device` (gram_on_device), features never leaving it before the store write."""
     from dsdm.io import save_npy
 
-    gram_path = store / "shards" / f"gram_{start:09d}_{stop:09d}.npy"
+    gram_path = _gram_path(store, start, stop)
     if gram_path.exists():
         return "skipped"
     feats = np.load(store / "features.npy", mmap_mode="r+")
@@ -201,11 +215,30 @@ def _featurize_shard_on_device(start, stop, gram_path, feats, q, done, pool, ske
     return "done"
 
 
-def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, device, shards=None) -> Path:
-    """Featurize the whole pool (or only `shards`) with one proxy into `store`; reduce the Gram when all are done."""
+def featurize_proxy(
+    pool,
+    model,
+    store: Path,
+    cfg: FeaturizeConfig,
+    proxy: int,
+    device,
+    shards=None,
+    *,
+    model_dir=None,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+    finalize: bool = False,
+) -> Path:
+    """Featurize the whole pool with one proxy into `store` (or only `shards`, or slice `shard_index` of
+    `num_shards` of its shard plan); reduce the Gram, in shard order, once every shard is done.
+
+    executor=ray needs model_dir (the proxy's directory): each Ray actor loads it, and the pool, itself.
+    Slices of one plan (a SLURM array) share the store; a whole-store run on a store being filled is refused
+    (store_lock). finalize=True featurizes nothing: it reduces the Gram of a store filled by slices, or says which
+    shards are missing."""
     from dsdm.common import log, progress
-    from dsdm.io import is_done, mark_done, open_memmap, save_npy, write_json
-    from dsdm.shards import plan_shards, run_shards
+    from dsdm.io import is_done, mark_done, read_json, save_npy, write_json
+    from dsdm.shards import plan_shards, run_on_actors
 
     store = Path(store)
     slice_ = {"featurize": _cfg_dict(cfg), "proxy": proxy, "pool": pool.fingerprint, "sketch_version": SKETCH_VERSION}
@@ -213,37 +246,194 @@ def featurize_proxy(pool, model, store: Path, cfg: FeaturizeConfig, proxy: int, 
     if is_done(store, slice_):
         log(f"{store}: already featurized, skipping")
         return store
-    sketch = build_sketch(model.to(device), cfg, proxy, device)
-    batch_size = cfg.batch_size or auto_batch_size(sketch, pool, device)
-    n, dim = len(pool), sketch.dim
-    open_memmap(store / "features.npy", (n, dim), cfg.storage_dtype, fill=0)
-    open_memmap(store / "q.npy", (n,), np.float32, fill=0)
-    open_memmap(store / "done.npy", (n,), np.bool_, fill=False)
-    write_json(store / "manifest.json", {**slice_, "num_examples": n, "feature_dim": dim})
-    plan = plan_shards(n, cfg.shard_size) if shards is None else shards
-    started = time.time()
-    todo = [sh for sh in plan if not (store / "shards" / f"gram_{sh[0]:09d}_{sh[1]:09d}.npy").exists()]
-    log(f"{store}: {len(todo)} of {len(plan)} shards to featurize ({cfg.projector}, k={cfg.proj_dim}, dim={dim})")
-    fn = partial(
-        featurize_shard, store=store, pool=pool, sketch=sketch, device=device, batch_size=batch_size, gram=cfg.gram
-    )
-    if cfg.executor == "local":  # one bar in examples/s with ETA
-        with progress(total=sum(b - a for a, b in todo), desc=f"featurize proxy {proxy}", unit="ex") as bar:
-            for a, b in todo:
-                fn(a, b, bar=bar)
-    else:  # disjoint row ranges of the same store, filled by Ray tasks
-        run_shards(fn, todo, executor=cfg.executor, desc=f"featurize proxy {proxy}")
-    all_shards = plan_shards(n, cfg.shard_size)
-    missing = [s for s in all_shards if not (store / "shards" / f"gram_{s[0]:09d}_{s[1]:09d}.npy").exists()]
-    if missing:
-        log(f"{store}: {len(missing)} shards still to do; the Gram is reduced when all are done")
-        return store
-    gram = np.zeros((dim, dim), dtype=np.float64)
-    for s0, s1 in all_shards:  # fixed order: the reduction is bitwise reproducible
-        gram += np.load(store / "shards" / f"gram_{s0:09d}_{s1:09d}.npy")
-    save_npy(store / "gram.npy", gram)
-    mark_done(store, slice_, started=started, feature_dim=dim)
+    with store_lock(store, shared=num_shards is not None and not finalize):
+        started = time.time()
+        plan = plan_shards(len(pool), cfg.shard_size)
+        if finalize:
+            dim = _finalize_dim(store, slice_, read_json)
+            todo = []
+        else:
+            sketch = build_sketch(model.to(device), cfg, proxy, device)
+            batch_size = cfg.batch_size or auto_batch_size(sketch, pool, device)
+            dim = sketch.dim
+            init_store(store, len(pool), dim, cfg.storage_dtype)
+            write_json(store / "manifest.json", {**slice_, "num_examples": len(pool), "feature_dim": dim})
+            mine = shards if shards is not None else shard_slice(plan, shard_index, num_shards)
+            todo = [sh for sh in mine if not _gram_path(store, *sh).exists()]
+            what = f"{cfg.projector}, k={cfg.proj_dim}, dim={dim}"
+            log(f"{store}: {len(todo)} of {len(plan)} shards to featurize ({what})")
+        if todo and cfg.executor == "local":  # one bar in examples/s with ETA
+            fn = partial(
+                featurize_shard,
+                store=store,
+                pool=pool,
+                sketch=sketch,
+                device=device,
+                batch_size=batch_size,
+                gram=cfg.gram,
+            )
+            with progress(total=sum(b - a for a, b in todo), desc=f"featurize proxy {proxy}", unit="ex") as bar:
+                for a, b in todo:
+                    fn(a, b, bar=bar)
+        elif todo:  # disjoint row ranges of the same store, filled by Ray actors
+            if model_dir is None:
+                raise ValueError(
+                    "executor=ray needs the proxy's directory (model_dir): each Ray worker loads it itself"
+                )
+            gpu = torch.device(device).type == "cuda"
+            worker = dict(
+                store=str(store.resolve()),
+                pool_dir=str(Path(pool.path).resolve()),
+                model_dir=str(Path(model_dir).resolve()),
+                cfg=cfg,
+                proxy=proxy,
+                device="cuda" if gpu else str(device),  # Ray's CUDA_VISIBLE_DEVICES names the actor's GPU
+                batch_size=batch_size,
+            )
+            run_on_actors(
+                ShardWorker,
+                worker,
+                todo,
+                ray_address=cfg.ray_address,
+                num_cpus=cfg.ray_worker_cpus,
+                num_gpus=1 if gpu else 0,
+                desc=f"featurize proxy {proxy}",
+            )
+        missing = [sh for sh in plan if not _gram_path(store, *sh).exists()]
+        if missing:
+            if finalize:
+                a, b = missing[0]
+                raise ValueError(
+                    f"{store}: {len(missing)} of {len(plan)} shards are not featurized yet (the first: rows {a}-{b}); "
+                    "finish the --shard-index jobs (or run featurize without --shard-index) before --finalize"
+                )
+            log(f"{store}: {len(missing)} shards still to do; the Gram is reduced when all are done (--finalize)")
+            return store
+        gram = np.zeros((dim, dim), dtype=np.float64)
+        for s0, s1 in plan:  # fixed order: the reduction is bitwise reproducible
+            gram += np.load(_gram_path(store, s0, s1))
+        save_npy(store / "gram.npy", gram)
+        mark_done(store, slice_, started=started, feature_dim=dim)
     return store
+
+
+def shard_slice(plan: list[tuple[int, int]], index: int | None, count: int | None) -> list[tuple[int, int]]:
+    """Slice `index` of `count` of a shard plan: consecutive shards, sizes differing by at most one (the whole plan
+    when count is None). Every process of a SLURM array computes the same plan, so the slices cover it exactly."""
+    if count is None:
+        return plan
+    if index is None or not 0 <= index < count:
+        raise ValueError(f"--shard-index must be in [0, {count}) with --num-shards {count}, got {index}")
+    return plan[index * len(plan) // count : (index + 1) * len(plan) // count]
+
+
+def init_store(store: Path, n: int, dim: int, storage_dtype: str) -> None:
+    """Create features.npy (n, dim), q.npy and done.npy once, as sparse files (nothing is written but the header:
+    unwritten rows read as zeros, so a 6 TB store is not written twice), or open the existing ones (shape and dtype
+    checked). Under an exclusive lock, so processes starting together on one store never replace each other's
+    arrays."""
+    from dsdm.io import open_memmap
+
+    store.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store / ".init.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for name, shape, dtype in (
+            ("features.npy", (n, dim), storage_dtype),
+            ("q.npy", (n,), np.float32),
+            ("done.npy", (n,), np.bool_),
+        ):
+            open_memmap(store / name, shape, dtype)  # no fill: numpy seeks to the end, the file stays sparse
+    finally:
+        os.close(fd)
+
+
+class StoreBusy(ValueError):
+    """Another featurize holds the store in a mode that excludes this one."""
+
+
+@contextlib.contextmanager
+def store_lock(store: Path, shared: bool = False):
+    """Hold `store` for featurizing: shared by slices of one shard plan (--shard-index/--num-shards: they fill
+    disjoint rows), exclusive for a whole-store run or --finalize. A conflicting holder is refused at once, naming
+    it (pid and host). The flock dies with its process, so a killed run leaves no stale lock."""
+    store.mkdir(parents=True, exist_ok=True)
+    host, pid = socket.gethostname(), os.getpid()
+    fd = os.open(store / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    me = store / f".holder.{host}.{pid}"
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = ", ".join(_holders(store, host)) or "holder unknown"
+            raise StoreBusy(
+                f"{store} is being filled by another dsdm featurize ({holders}); wait for it to finish or stop it "
+                "(slices of one plan, --shard-index I --num-shards N, may share a store)"
+            ) from None
+        me.write_text(f"pid {pid} on {host} ({'a shard slice' if shared else 'the whole store'})")
+        yield
+    finally:
+        me.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _holders(store: Path, host: str) -> list[str]:
+    """The holder records in `store`, less those of dead processes on this host (killed without cleaning up)."""
+    out = []
+    for path in sorted(store.glob(".holder.*")):
+        h, _, pid = path.name[len(".holder.") :].rpartition(".")
+        if h == host and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            continue
+        try:
+            out.append(path.read_text().strip())
+        except FileNotFoundError:  # it finished while we looked
+            pass
+    return out
+
+
+def _gram_path(store: Path, start: int, stop: int) -> Path:
+    return store / "shards" / f"gram_{start:09d}_{stop:09d}.npy"
+
+
+def _finalize_dim(store: Path, slice_: dict, read_json) -> int:
+    """The feature dim of a store filled by slices, after checking it was filled with this configuration."""
+    if not (store / "manifest.json").exists():
+        raise ValueError(f"{store}: nothing to finalize (no manifest.json); run the --shard-index jobs first")
+    manifest = read_json(store / "manifest.json")
+    if {k: manifest.get(k) for k in slice_} != slice_:
+        raise ValueError(f"{store} was filled with other settings than these; finalize with the jobs' own config")
+    return int(manifest["feature_dim"])
+
+
+class ShardWorker:
+    """A Ray actor of featurize: opens the pool and the proxy from their paths once (nothing big travels through
+    Ray), builds the sketch, then fills the shards it is handed with featurize_shard."""
+
+    def __init__(self, store, pool_dir, model_dir, cfg, proxy, device, batch_size):
+        from dsdm.model import load_model
+        from dsdm.pool import Pool
+
+        torch.set_num_threads(max(1, int(cfg.ray_worker_cpus)))  # as many threads as CPUs reserved
+        self.store, self.pool, self.device, self.batch_size, self.gram = (
+            Path(store),
+            Pool(pool_dir),
+            device,
+            batch_size,
+            cfg.gram,
+        )
+        self.sketch = build_sketch(load_model(model_dir).to(device), cfg, proxy, device)
+
+    def run(self, start: int, stop: int) -> str:
+        return featurize_shard(
+            start,
+            stop,
+            store=self.store,
+            pool=self.pool,
+            sketch=self.sketch,
+            device=self.device,
+            batch_size=self.batch_size,
+            gram=self.gram,
+        )
 
 
 def build_sketch(model, cfg: FeaturizeConfig, proxy: int, device):
@@ -273,17 +463,28 @@ def _rng_record(cfg: FeaturizeConfig, device) -> dict:
 def _cfg_dict(cfg) -> dict:
     from dsdm.config import to_dict
 
-    out = {k: v for k, v in to_dict(cfg).items() if k not in ("device", "executor")}
+    out = {k: v for k, v in to_dict(cfg).items() if k not in _WHERE_NOT_WHAT}
     return {k: v for k, v in out.items() if k not in _NEW_DEFAULTS or v != _NEW_DEFAULTS[k]}
 
 
-def run(pool_dir: str | Path, proxies_dir: str | Path, out_dir: str | Path, cfg: FeaturizeConfig, force: bool = False):
+def run(
+    pool_dir: str | Path,
+    proxies_dir: str | Path,
+    out_dir: str | Path,
+    cfg: FeaturizeConfig,
+    force: bool = False,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+    finalize: bool = False,
+):
     """Featurize the pool with every proxy of `proxies_dir` (written by `dsdm proxies train`) into out_dir/proxy_<m>/.
 
-    Writes out_dir/manifest.json (pool, proxies, config) first, the stores, then out_dir/_done.json.
+    Writes out_dir/manifest.json (pool, proxies, config) first, the stores, then out_dir/_done.json once every
+    store is complete. shard_index/num_shards: this process fills only its slice of each store's shards (one job of
+    a SLURM array); finalize: reduce the Gram of stores the slices filled (see featurize_proxy).
     """
     from dsdm.common import log, resolve_device
-    from dsdm.io import clear_done, is_done, mark_done, read_json, write_json
+    from dsdm.io import clear_done, is_done, mark_done, read_json, read_record, write_json
     from dsdm.model import load_model
     from dsdm.pool import Pool
 
@@ -315,6 +516,11 @@ def run(pool_dir: str | Path, proxies_dir: str | Path, out_dir: str | Path, cfg:
         {**slice_, "pool": str(Path(pool_dir).resolve()), "num_proxies": len(models), "num_examples": len(pool)},
     )
     for m, model_dir in enumerate(models):
-        featurize_proxy(pool, load_model(model_dir), out_dir / f"proxy_{m}", cfg, m, device)
-    mark_done(out_dir, slice_, started=started)
+        model = None if finalize else load_model(model_dir)
+        featurize_proxy(
+            pool, model, out_dir / f"proxy_{m}", cfg, m, device, model_dir=model_dir,
+            shard_index=shard_index, num_shards=num_shards, finalize=finalize,
+        )  # fmt: skip
+    if all(read_record(out_dir / f"proxy_{m}") for m in range(len(models))):
+        mark_done(out_dir, slice_, started=started)
     return out_dir

@@ -51,7 +51,9 @@ def register(subparsers) -> None:
             "done.npy (N,) bool, shards/gram_<start>_<stop>.npy, gram.npy (dim, dim) float64, manifest.json,\n"
             "_done.json; then _done.json. Interrupted runs resume shard by shard with bitwise-identical results.\n"
             "More settings via --set (batch_size, shard_size, storage_dtype, seed, device, dense_params,\n"
-            "dense_projection, executor)."
+            "dense_projection, executor, ray_worker_cpus).\n\n"
+            'Scale out (README "Scale out"): --executor ray [--ray-address auto|ray://HOST:PORT] fills the stores\n'
+            "with Ray actors; or run N jobs with --shard-index I --num-shards N on one --out, then once --finalize."
         ),
     )
     f.add_argument("--pool", required=True, metavar="DIR", help="pool directory")
@@ -59,6 +61,15 @@ def register(subparsers) -> None:
     f.add_argument("--out", required=True, metavar="DIR", help="feature store directory")
     f.add_argument("--proj-dim", type=int, help="projection budget k (default 4096)")
     f.add_argument("--projector", choices=["factorized", "dense"], help="sketch type (default factorized)")
+    f.add_argument("--executor", choices=["local", "ray"], help="local (default) or ray: one actor per CPU worker/GPU")
+    f.add_argument(
+        "--ray-address", metavar="ADDR", help="executor=ray: auto | ray://HOST:PORT (default: a local cluster)"
+    )
+    f.add_argument(
+        "--shard-index", type=int, metavar="I", help="fill only slice I of --num-shards N (a SLURM array job)"
+    )
+    f.add_argument("--num-shards", type=int, metavar="N", help="number of slices the jobs split the shards into")
+    f.add_argument("--finalize", action="store_true", help="after the slices: reduce the Gram (refused if any missing)")
     add_config_args(f)
     f.set_defaults(func=_featurize)
 
@@ -149,8 +160,18 @@ def _proxies(args) -> int:
 def _featurize(args) -> int:
     from dsdm.featurize import FeaturizeConfig, run
 
-    cfg = config_from_args(FeaturizeConfig, args, proj_dim=args.proj_dim, projector=args.projector)
-    print(run(args.pool, args.proxies, args.out, cfg, force=args.force))
+    cfg = config_from_args(
+        FeaturizeConfig,
+        args,
+        proj_dim=args.proj_dim,
+        projector=args.projector,
+        executor=args.executor,
+        ray_address=args.ray_address,
+    )
+    if (args.shard_index is None) != (args.num_shards is None):
+        raise ValueError("--shard-index and --num-shards go together (e.g. --shard-index $SLURM_ARRAY_TASK_ID)")
+    slices = dict(shard_index=args.shard_index, num_shards=args.num_shards, finalize=args.finalize)
+    print(run(args.pool, args.proxies, args.out, cfg, force=args.force, **slices))
     return 0
 
 

@@ -1,0 +1,207 @@
+"""Scale-out of featurize: Ray actors on a local cluster (ray.init(num_cpus=2)), SLURM-style slices of one store in
+separate processes + --finalize, the store lock and sparse store files. Every scaled-out store must equal the local
+executor's, bitwise. The Ray tests skip when Ray is not installed (pip install 'dsdm[ray]'; `make test` installs it).
+Run:
+    .venv/bin/python -m pytest -q tests/test_ray.py
+"""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsdm import featurize as F
+from dsdm.io import write_json
+from dsdm.model import build_model, save_model
+from dsdm.pool import Pool, PoolWriter
+
+try:
+    import ray
+except ImportError:
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed: pip install 'dsdm[ray]' (make test does)")
+
+FILES = ("features.npy", "q.npy", "done.npy", "gram.npy")
+CFG = dict(proj_dim=64, batch_size=3, shard_size=5, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 23-example pool, two saved micro proxies and their manifest, and the local executor's stores."""
+    root = tmp_path_factory.mktemp("scale")
+    rng = np.random.default_rng(0)
+    w = PoolWriter(root / "pool", vocab_size=97)
+    for i in range(23):
+        w.add(rng.integers(0, 97, size=rng.integers(4, 17)), doc_id=f"d{i}", source="s")
+    pool = Pool(w.close({"seq_len": 16, "eos_id": 0}, {}))
+    import torch
+
+    for m in range(2):
+        torch.manual_seed(m)
+        save_model(build_model("micro", vocab_size=97, seq_len=16), root / "proxies" / f"proxy_{m}")
+    models = ["proxy_0", "proxy_1"]
+    write_json(root / "proxies" / "manifest.json", {"pool_fingerprint": pool.fingerprint, "models": models})
+    F.run(root / "pool", root / "proxies", root / "local", F.FeaturizeConfig(**CFG))
+    return root
+
+
+def assert_same_stores(a: Path, b: Path) -> None:
+    for m in range(2):
+        for name in FILES:
+            x, y = np.load(a / f"proxy_{m}" / name), np.load(b / f"proxy_{m}" / name)
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"proxy_{m}/{name}"
+
+
+def dsdm(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "DSDM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "dsdm", *args], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def featurize_args(root: Path, out: str) -> list[str]:
+    sets = [f"--set={k}={v}" for k, v in CFG.items() if k != "proj_dim"]
+    return ["featurize", "--pool", str(root / "pool"), "--proxies", str(root / "proxies"), "--out", str(root / out),
+            "--proj-dim", str(CFG["proj_dim"]), *sets]  # fmt: skip
+
+
+# -----------------------------------------------------------------------------
+# Without Ray: slices of one store (a SLURM array), the lock, sparse files
+
+
+def test_slices_in_separate_processes_then_finalize_equal_one_local_run(setup):
+    """Three jobs started together on one store (--shard-index I --num-shards 3), then --finalize: bitwise the
+    local run. The jobs race to create the store: the exclusive init must keep one set of arrays."""
+    jobs = [dsdm(*featurize_args(setup, "sliced"), "--shard-index", str(i), "--num-shards", "3") for i in range(3)]
+    for job in jobs:
+        assert job.wait(timeout=300) == 0, job.stderr.read()
+    assert not (setup / "sliced" / "_done.json").exists() or (setup / "sliced" / "proxy_0" / "gram.npy").exists()
+    fin = dsdm(*featurize_args(setup, "sliced"), "--finalize")
+    assert fin.wait(timeout=300) == 0, fin.stderr.read()
+    assert_same_stores(setup / "local", setup / "sliced")
+    assert (setup / "sliced" / "_done.json").exists()
+
+
+def test_finalize_refuses_a_store_with_missing_shards(setup):
+    job = dsdm(*featurize_args(setup, "half"), "--shard-index", "0", "--num-shards", "2")
+    assert job.wait(timeout=300) == 0, job.stderr.read()
+    fin = dsdm(*featurize_args(setup, "half"), "--finalize")
+    assert fin.wait(timeout=300) == 2
+    err = fin.stderr.read()
+    assert "shards are not featurized yet" in err and "--shard-index" in err, err
+    assert not (setup / "half" / "proxy_0" / "gram.npy").exists()
+
+
+def test_shard_slices_cover_the_plan_exactly():
+    plan = [(i, i + 1) for i in range(7)]
+    for n in (1, 2, 3, 7, 9):
+        got = [sh for i in range(n) for sh in F.shard_slice(plan, i, n)]
+        assert got == plan
+    with pytest.raises(ValueError, match="--shard-index"):
+        F.shard_slice(plan, 3, 3)
+
+
+def test_a_second_featurize_on_a_store_being_filled_is_refused_naming_the_holder(setup, tmp_path):
+    """A whole-store run holds the store exclusively: another whole-store run, a slice and --finalize are refused
+    with the holder's pid; slices share it among themselves."""
+    store = tmp_path / "store"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dsdm.featurize import store_lock\n"
+         "with store_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)", str(store)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for shared in (False, True):
+            with pytest.raises(F.StoreBusy, match=f"pid {holder.pid} on .*the whole store"):
+                with F.store_lock(store, shared=shared):
+                    pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with F.store_lock(store, shared=True), F.store_lock(store, shared=True):  # slices cooperate
+        with pytest.raises(F.StoreBusy, match="a shard slice"):
+            with F.store_lock(store):
+                pass
+    with F.store_lock(store):  # the killed holder left no stale lock
+        pass
+
+
+def test_store_files_are_sparse_until_written(tmp_path):
+    F.init_store(tmp_path, 4096, 1024, "float16")  # 8 MiB of features
+    st = os.stat(tmp_path / "features.npy")
+    assert st.st_size > 8 << 20 and st.st_blocks * 512 < 1 << 20, (st.st_size, st.st_blocks)
+    assert not np.load(tmp_path / "features.npy", mmap_mode="r")[-1].any()  # unwritten rows read as zeros
+
+
+# -----------------------------------------------------------------------------
+# Ray: a local cluster of 2 CPUs
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # workers import this module (KillOnce) by reference: give them the tests folder on their path
+    here = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield
+    ray.shutdown()
+
+
+@needs_ray
+def test_ray_featurize_is_bitwise_the_local_store(setup, cluster):
+    F.run(setup / "pool", setup / "proxies", setup / "ray", F.FeaturizeConfig(**CFG, executor="ray"))
+    assert_same_stores(setup / "local", setup / "ray")
+
+
+@needs_ray
+def test_ray_featurize_from_the_cli(setup, cluster):
+    """--executor ray --ray-address auto joins the running cluster (the one the fixture started)."""
+    job = dsdm(*featurize_args(setup, "ray_cli"), "--executor", "ray", "--ray-address", "auto")
+    assert job.wait(timeout=300) == 0, job.stderr.read()
+    assert_same_stores(setup / "local", setup / "ray_cli")
+
+
+class KillOnce(F.ShardWorker):
+    """A worker that dies (SIGKILL) in the middle of the shard at rows 5-10, once: rows half-written, no Gram."""
+
+    def run(self, start, stop):
+        marker = self.store / "killed"
+        if start == 5 and not marker.exists():
+            marker.write_text("1")
+            feats = np.load(self.store / "features.npy", mmap_mode="r+")
+            feats[start : start + 2] = 7.0
+            feats.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().run(start, stop)
+
+
+@needs_ray
+def test_a_ray_worker_killed_mid_shard_still_yields_the_local_store(setup, cluster):
+    from dsdm.model import load_model
+    from dsdm.shards import plan_shards, run_on_actors
+
+    cfg, pool = F.FeaturizeConfig(**CFG, executor="ray"), Pool(setup / "pool")
+    store = setup / "killed" / "proxy_0"
+    model_dir = setup / "proxies" / "proxy_0"
+    sketch = F.build_sketch(load_model(model_dir), cfg, 0, "cpu")
+    F.init_store(store, len(pool), sketch.dim, cfg.storage_dtype)
+    worker = dict(store=str(store), pool_dir=str(pool.path), model_dir=str(model_dir), cfg=cfg, proxy=0, device="cpu",
+                  batch_size=cfg.batch_size)  # fmt: skip
+    out = run_on_actors(KillOnce, worker, plan_shards(len(pool), cfg.shard_size), num_cpus=1)
+    assert (store / "killed").exists() and out == ["done"] * len(out)  # the shard was retried on a new actor
+    F.featurize_proxy(pool, load_model(model_dir), store, cfg, 0, "cpu", model_dir=model_dir)  # reduces the Gram
+    for name in FILES:
+        assert np.load(setup / "local" / "proxy_0" / name).tobytes() == np.load(store / name).tobytes(), name
+
+
+@needs_ray
+def test_ray_without_a_model_dir_is_refused(setup, cluster):
+    from dsdm.model import load_model
+
+    cfg = F.FeaturizeConfig(**CFG, executor="ray")
+    with pytest.raises(ValueError, match="model_dir"):
+        model = load_model(setup / "proxies" / "proxy_0")
+        F.featurize_proxy(Pool(setup / "pool"), model, setup / "nodir", cfg, 0, "cpu")
