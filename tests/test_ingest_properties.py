@@ -60,6 +60,7 @@ texts = st.one_of(
     st.text(st.characters(codec=None), max_size=40),
     st.text(st.sampled_from("ab \x00\ud800é🙂"), max_size=8),
     st.integers(100, 3 * MAX_DOC_BYTES).map(lambda n: "y" * n),
+    st.integers(70_000, 90_000).map(lambda n: "z" * n),  # past the reader's line limit (6 x 2000 + 65536 bytes)
 )
 lines = st.one_of(
     texts.map(lambda t: ("doc", t)),
