@@ -15,8 +15,9 @@ directory name); other scalar columns are kept as metadata.
 Writes under --out: tokens.bin, offsets.npy, meta.parquet, tokenizer.json, pool.json (counts, skipped documents by
 reason, input sha256s), config.yaml and _done.json. Re-running with the same inputs and settings does nothing.
 
-Bad input (malformed JSON, missing text field, non-UTF-8, NUL bytes, empty or over-large documents) stops the build
-with the file, line and fix, unless --on-error skip, which skips, counts by reason and reports.
+Bad input (malformed JSON, missing text field, non-UTF-8, NUL bytes, empty or over-large documents, a truncated or
+corrupt .gz/.zst file) stops the build with the file, line and fix, unless --on-error skip, which skips, counts by
+reason and reports (a truncated file keeps the documents before the cut).
 
 Examples:
   dsdm pool build data/*.jsonl.gz --out pools/web --tokenizer gpt2 --seq-len 1024
