@@ -26,6 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from dsdm.baselines import METHODS
+from dsdm.common import check_requirements, log
+from dsdm.config import from_dict, load_yaml
+from dsdm.io import atomic_write_text, read_json
+from dsdm.pool import Pool
 from dsdm.results import UNTARGETED_NAME
 from dsdm.results import read as read_results
 
@@ -406,8 +410,6 @@ def fig_histograms(scores: dict[str, np.ndarray], path) -> Path | None:
 
 def load_artifacts(out: Path) -> tuple[dict, dict, dict]:
     """(compositions by selection at the smallest seed, score vectors by score folder, eval groups) of a run."""
-    from dsdm.common import log
-    from dsdm.io import read_json
 
     records = {p.parent.name: read_json(p) for p in sorted((out / "selections").glob("*/selection.json"))}
     seeds = sorted({r["seed"] for r in records.values() if r.get("seed") is not None})
@@ -425,7 +427,6 @@ def load_artifacts(out: Path) -> tuple[dict, dict, dict]:
 
 def load_evaluations(out: Path) -> tuple[dict, dict]:
     """(n-gram references {task: {unigram, bigram, ...}}, per-example MC outcomes keyed by cell and task)."""
-    from dsdm.io import read_json
 
     refs_path = out / "references" / "references.json"
     refs = read_json(refs_path) if refs_path.exists() else {}
@@ -441,7 +442,6 @@ def load_evaluations(out: Path) -> tuple[dict, dict]:
 
 def report_settings(out: Path) -> tuple[int, int]:
     """(case_study, snippet_chars) from the run's config.yaml `report:` slice (ReportSpec)."""
-    from dsdm.config import from_dict, load_yaml
 
     cfg = load_yaml(out / "config.yaml") if (out / "config.yaml").exists() else {}
     spec = from_dict(ReportSpec, cfg.get("report") or {}, prefix="report.")
@@ -450,8 +450,6 @@ def report_settings(out: Path) -> tuple[int, int]:
 
 def case_study(out: Path, scores: dict[str, np.ndarray], n: int, chars: int) -> list[tuple[str, list, list]]:
     """[(score file, top rows, bottom rows)], rows = (rank, pool index, source, score, snippet)."""
-    from dsdm.config import load_yaml
-    from dsdm.pool import Pool
 
     cfg = load_yaml(out / "config.yaml") if (out / "config.yaml").exists() else {}
     pool_dir = (cfg.get("pool") or {}).get("path") or str(out / "pool")
@@ -521,8 +519,6 @@ def head_to_head_table(rows, groups, method: str = "dsdm") -> tuple[list[str], l
 
 def render(out: str | Path) -> Path:
     """Write <out>/report.md, <out>/report.html and <out>/figures/*.png from <out>/results.csv; returns the HTML."""
-    from dsdm.common import check_requirements
-    from dsdm.io import atomic_write_text
 
     check_requirements({"matplotlib": "report"}, "dsdm report")  # before reading anything: the figures need it
     out = Path(out)

@@ -196,6 +196,22 @@ def test_task_with_no_examples_is_refused(micro, tmp_path, capsys):
     assert "empty" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
+def test_empty_pool_and_bad_k_are_one_line_errors(micro, tmp_path, capsys):
+    root, ref = micro
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "empty.jsonl").write_text("")
+    shutil.copy(root / "tokenizer-eos.json", tmp_path / "tokenizer-eos.json")
+    shutil.copytree(root / "tasks", tmp_path / "tasks")
+    out = tmp_path / "run"
+    assert main(["experiment", str(_config(tmp_path, build_pool=True)), "--out", str(out)]) == 2
+    assert "no examples" in capsys.readouterr().err and not list(out.rglob(DONE_FILE))
+    for k in ("0", "-3", "100000"):
+        args = ["baseline", "random", "--pool", str(root / "pool"), "--k", k, "--out", str(tmp_path / f"k{k}")]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--k" in err and len(err.splitlines()) == 1 and not (tmp_path / f"k{k}").exists()
+
+
 def test_featurize_refuses_proxies_of_another_pool(micro, tmp_path, capsys):
     """A tokenizer/pool mismatch between the pool and the proxies is one line, exit 2."""
     root, ref = micro

@@ -32,11 +32,17 @@ from typing import Any
 
 import numpy as np
 
+from dsdm import selections
 from dsdm.baselines.classifier import Classifier
 from dsdm.baselines.dsdm_scores import DsdmInverse, DsdmScores
 from dsdm.baselines.dsir import DSIR
 from dsdm.baselines.random import Random
 from dsdm.baselines.semdedup import SemDeDup
+from dsdm.common import check_requirements, log, numpy_rng, progress
+from dsdm.config import from_dict, to_dict
+from dsdm.io import clear_done, is_done, mark_done, read_json, save_npy
+from dsdm.pool import Pool
+from dsdm.tasks import load_task
 
 METHODS: dict[str, type] = {
     "random": Random,
@@ -53,7 +59,6 @@ CHUNK = 2048  # pool examples decoded / scored at a time
 
 def make(method: str, params: dict[str, Any] | None = None):
     """A baseline by name from plain settings; unknown methods or keys raise ValueError naming them."""
-    from dsdm.config import from_dict
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -91,7 +96,6 @@ def _chunks(n: int, size: int = CHUNK):
 
 def fit_and_score(est, pool, targets: list[str], seed: int) -> tuple[np.ndarray, dict]:
     """Fit `est` and score every pool example. -> ((N,) scores or keep mask, info for selection.json)."""
-    from dsdm.common import numpy_rng, progress
 
     n, kind = len(pool), est.input
     if est.targeted and kind != "none" and not targets:
@@ -131,12 +135,6 @@ def run(
 
     Returns the selection.json record. Re-running with the same settings does nothing (returns the stored record).
     """
-    from dsdm import selections
-    from dsdm.common import check_requirements, log, numpy_rng
-    from dsdm.config import to_dict
-    from dsdm.io import clear_done, is_done, mark_done, read_json, save_npy
-    from dsdm.pool import Pool
-    from dsdm.tasks import load_task
 
     out_dir, started = Path(out_dir), time.time()
     pool = Pool(pool_dir)
@@ -148,8 +146,8 @@ def run(
     if not est.targeted:
         target_specs = []  # untargeted: --target plays no part (for dsdm it only labels the score file's target)
     tasks = [load_task(s) for s in target_specs]
-    if k < 0 or k > len(pool):
-        raise ValueError(f"--k {k} must be between 0 and the pool size {len(pool)}")
+    if not 1 <= k <= len(pool):
+        raise ValueError(f"--k {k}: must be between 1 and the pool size {len(pool)}")
     stage_cfg = {
         "method": method,
         "k": int(k),
