@@ -330,7 +330,8 @@ def plan_stages(cfg: ExperimentConfig, out: Path, ctx: "Context", cells: list[Ce
     needs_features = any(METHODS[m].estimator_scores for m in cfg.methods)
     if needs_features:
         stages.append(Stage("proxies", {"proxy": cfg.proxy}, pool_input, ctx.train_proxies))
-        feat = {k: v for k, v in cfg.featurize.items() if k not in ("device", "executor", "ray_address", "ray_worker_cpus")}
+        where = ("device", "executor", "ray_address", "ray_worker_cpus")  # where the work runs, not what it computes
+        feat = {k: v for k, v in cfg.featurize.items() if k not in where}
         stages.append(Stage("features", {"featurize": feat}, pool_input + ["proxies"], ctx.featurize))
     score_stages: dict[str, Stage] = {}
     for method in cfg.methods:
