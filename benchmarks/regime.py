@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def table(rows: list[dict]) -> str:
 
 def _shape(name: str) -> str:
     """A configuration name without its lr."""
-    return "-".join(p for p in name.split("-") if not p.startswith("lr"))
+    return re.sub(r"-lr.*-b", "-b", name)  # the lr itself may hold a '-' (3e-3)
 
 
 def _mc(r: dict) -> str:
