@@ -22,6 +22,7 @@ COMMANDS: list[str] = [
     "dsdm.cli.pool",
     "dsdm.cli.tasks",
     "dsdm.cli.models",
+    "dsdm.cli.plan",
 ]
 
 
