@@ -258,3 +258,15 @@ def test_truncated_compressed_input_is_a_one_line_error_or_a_counted_skip(tmp_pa
     _compressed(whole, texts[:kept], codec)
     ref = Pool(build_pool([str(whole)], tmp_path / "ref", _cfg(on_error="skip")))
     assert (ref.path / "tokens.bin").read_bytes() == (out / "tokens.bin").read_bytes()
+
+
+def test_multi_frame_zst_is_read_to_the_end(tmp_path):
+    """zstd files written in pieces (zstd -c a b > f, pzstd, streaming writers) hold several frames: all are read."""
+    import zstandard
+
+    texts = _texts(40)
+    halves = ["".join(json.dumps({"text": t}) + "\n" for t in part).encode() for part in (texts[:25], texts[25:])]
+    src = tmp_path / "two.jsonl.zst"
+    src.write_bytes(b"".join(zstandard.ZstdCompressor().compress(h) for h in halves))
+    pool = Pool(build_pool([str(src)], tmp_path / "pool", _cfg(pack=False, seq_len=4096)))
+    assert [pool.decode(i) for i in range(len(pool))] == [t + EOS_TOKEN for t in texts]
