@@ -73,8 +73,9 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
         per_proxy = tcfg.tokens or (tcfg.steps * tcfg.batch_size * L) or int(pcfg.fraction * N) * L
         flops = 6 * P * per_proxy * pcfg.n
         state = 16 * P  # weights, gradients, AdamW m and v in float32
+        kept = 4 * P + 8 * int(pcfg.fraction * N)  # float32 weights and the int64 subset (no optimizer state kept)
         out.append(
-            StagePlan("proxies", flops, flops / train_rate, pcfg.n * 16 * P, BASE_RSS + state, state * bool(gpu_mem))
+            StagePlan("proxies", flops, flops / train_rate, pcfg.n * kept, BASE_RSS + state, state * bool(gpu_mem))
         )
         fcfg = from_dict(FeaturizeConfig, cfg.featurize, prefix="featurize.")
         dim, b = fcfg.proj_dim, 2 if fcfg.storage_dtype == "float16" else 4
@@ -101,7 +102,7 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
     flops = sum(6 * Pe * c.tokens for c in cells)
     out.append(
         StagePlan(
-            "models", flops, flops / train_rate, len(cells) * 16 * Pe, BASE_RSS + 16 * Pe, 16 * Pe * bool(gpu_mem)
+            "models", flops, flops / train_rate, len(cells) * 4 * Pe, BASE_RSS + 16 * Pe, 16 * Pe * bool(gpu_mem)
         )
     )
     for st in out:
