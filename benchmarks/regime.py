@@ -104,7 +104,7 @@ def cmd_speed(args) -> None:
         }  # fmt: skip
         log(f"speed {cfg['name']}: {steps * tok_step / wall:,.0f} tokens/s ({steps} steps, {wall:.1f} s)")
         _write(out, list(rows.values()), list(rows[cfg["name"]]))
-    print(f"| config | threads | tokens/s | load |\n|---|---:|---:|---:|")
+    print("| config | threads | tokens/s | load |\n|---|---:|---:|---:|")
     for r in rows.values():
         print(f"| {r['config']} | {r['threads']} | {int(r['tok_s']):,} | {r['load_1min']} |")
 
@@ -252,7 +252,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["speed", "learn", "table"])
     ap.add_argument("--configs", nargs="+", default=["nano/1024/128/3e-3/16"], help="PRESET/VOCAB/SEQ_LEN/LR/BATCH")
-    ap.add_argument("--dir", type=Path, default=Path("runs/regime"), help="pools, models and CSVs (default %(default)s)")
+    ap.add_argument(
+        "--dir", type=Path, default=Path("runs/regime"), help="pools, models and CSVs (default %(default)s)"
+    )
     ap.add_argument("--docs", default="data/demo/docs/*.parquet", help="documents to build the pools from")
     ap.add_argument("--tasks", default="data/demo/tasks", help="folder of the task families")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
