@@ -42,11 +42,10 @@ from typing import Any, Callable
 import numpy as np
 
 from dsdm import results, selections
-from dsdm.baselines import METHODS, RULES, fit_and_score, make, score_stage_name, target_texts
+from dsdm.baselines import METHODS, RULES, fit_and_score, make, score_file_name, score_stage_name, target_texts
 from dsdm.common import check_requirements, log, numpy_rng, progress, resolve_device
 from dsdm.config import from_dict, load_config, save_config, to_dict
-from dsdm.datamodel import ScoreConfig
-from dsdm.datamodel import run as score_run
+from dsdm.datamodel import ScoreConfig, score_targets, task_mix
 from dsdm.evaluate import evaluate_task
 from dsdm.featurize import FeaturizeConfig
 from dsdm.featurize import run as featurize_run
@@ -343,9 +342,10 @@ def plan_stages(cfg: ExperimentConfig, out: Path, ctx: "Context", cells: list[Ce
             if name in score_stages:
                 continue
             tasks = ctx.task_hashes(target.tasks if target else [])
-            if cls.estimator_scores:
-                slice_ = {"score": {k: v for k, v in cfg.score.items() if k != "tasks"}, "tasks": tasks}
-                st = Stage(name, slice_, ["features"], functools.partial(ctx.estimator_scores, name, target))
+            if cls.estimator_scores:  # one stage for every target: one pass over the feature store
+                targets = {t.name: ctx.task_hashes(t.tasks) for t in cfg.targets}
+                slice_ = {"score": {k: v for k, v in cfg.score.items() if k != "tasks"}, "targets": targets}
+                st = Stage(name, slice_, ["features"], functools.partial(ctx.estimator_scores, name))
             else:
                 slice_ = {"method": method, "method_options": cfg.method_options.get(method, {}), "tasks": tasks}
                 st = Stage(name, slice_, pool_input, functools.partial(ctx.baseline_scores, name, method, target))
@@ -510,12 +510,27 @@ class Context:
 
     # -- scores and selections -----------------------------------------------------------------------------------
 
-    def estimator_scores(self, name: str, target: TargetSpec, redo: bool) -> None:
-        """scores/dsdm_<target>/scores.npy: the equal-weight task-mix DsDm scores (dsdm.datamodel.run)."""
-
+    def estimator_scores(self, name: str, redo: bool) -> None:
+        """scores/dsdm/<target>.npy for every target: the equal-weight task-mix DsDm scores, (N,) float32, with
+        <target>.tasks.npy (N, T) per task; every target's tasks are scored in ONE pass over each proxy's feature
+        store (dsdm.datamodel.score_targets)."""
         started, d = time.time(), self._clean(name)
         scfg = _stage_cfg(ScoreConfig, self.cfg.score, "score")
-        score_run(self.out / "features", target.tasks, d / "scores.npy", scfg, self.device)
+        per_target = score_targets(
+            self.out / "features", {t.name: t.tasks for t in self.cfg.targets}, scfg, self.device
+        )
+        for target, (per_task, names) in per_target.items():
+            save_npy(d / f"{target}.tasks.npy", per_task.astype(np.float32))
+            save_npy(d / f"{target}.npy", task_mix(per_task).astype(np.float32))
+        write_json(
+            d / "scores.json",
+            {
+                "method": "dsdm",
+                "targets": {t: names for t, (_, names) in per_target.items()},
+                "sign": "larger = more helpful to the target; select the k largest (dsdm.select)",
+                "config": {k: v for k, v in dataclasses.asdict(scfg).items() if k != "tasks"},
+            },
+        )
         mark_done(d, {"score": dataclasses.asdict(scfg)}, started=started, stage=name)
 
     def baseline_scores(self, name: str, method: str, target: TargetSpec | None, redo: bool) -> None:
@@ -545,11 +560,10 @@ class Context:
             est = make(cell.method, opts)
             s, _ = fit_and_score(est, self.pool, [], cell.seed)
         else:
-            stem = score_stage_name(cell.method, cell.target)
+            scores_file = score_file_name(cell.method, cell.target)
             if cls.estimator_scores:
-                opts["scores"] = str(self.out / stem / "scores.npy")
+                opts["scores"] = str(self.out / scores_file)
             est = make(cell.method, opts)
-            scores_file = f"{stem}/{est.scores_file}"
             s = np.load(self.out / scores_file)
             if s.shape != (len(self.pool),):
                 raise ValueError(f"{self.out / scores_file}: shape {s.shape}, expected ({len(self.pool)},)")

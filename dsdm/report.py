@@ -421,6 +421,9 @@ def load_artifacts(out: Path) -> tuple[dict, dict, dict]:
         for name in ("scores.npy", "keep.npy"):
             if (d / name).exists():
                 scores[d.name] = np.load(d / name)
+        for f in sorted(d.glob("*.npy")):  # the estimator's one stage: scores/dsdm/<target>.npy per target
+            if f.name not in ("scores.npy", "keep.npy") and not f.name.endswith(".tasks.npy"):
+                scores[f"{d.name}_{f.stem}"] = np.load(f)
     groups = read_json(out / "eval_groups.json") if (out / "eval_groups.json").exists() else {}
     return comps, scores, groups
 

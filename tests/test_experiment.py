@@ -160,7 +160,7 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path, capsys):
         sel = np.load(out / "selections" / c.selection / "indices.npy")
         assert sel.dtype == np.int64 and sel.shape == (c.k,) and np.all(np.diff(sel) > 0)
         assert (out / "eval" / c.name / "metrics.json").exists()
-    assert (out / "scores" / "dsdm_cooking" / "scores.npy").exists() and (out / "config.yaml").exists()
+    assert (out / "scores" / "dsdm" / "cooking.npy").exists() and (out / "config.yaml").exists()
     check_report(out)
 
     # a re-run trains nothing: every cell is cached

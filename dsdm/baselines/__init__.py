@@ -66,9 +66,17 @@ def make(method: str, params: dict[str, Any] | None = None):
 
 
 def score_stage_name(method: str, target: str) -> str:
-    """Folder of a method's score vector in a run directory: scores/<method>_<target> (methods that read the DsDm
-    estimator's scores share one folder, so dsdm-inverse reads dsdm's)."""
-    return f"scores/{'dsdm' if METHODS[method].estimator_scores else method}_{target}"
+    """The run-directory stage that holds a method's score vector for `target`: scores/<method>_<target>, or, for
+    the methods that read the DsDm estimator's scores, the one stage scores/dsdm that scores every target in one
+    pass over the feature store (dsdm-inverse reads dsdm's)."""
+    return "scores/dsdm" if METHODS[method].estimator_scores else f"scores/{method}_{target}"
+
+
+def score_file_name(method: str, target: str) -> str:
+    """The score file of (method, target) inside its stage folder, relative to the run directory."""
+    cls = METHODS[method]
+    name = f"{target}.npy" if cls.estimator_scores else cls.scores_file
+    return f"{score_stage_name(method, target)}/{name}"
 
 
 def target_texts(tasks) -> list[str]:
