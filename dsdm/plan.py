@@ -92,7 +92,7 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
                 f"featurize.shard_size (now {fcfg.shard_size}) or lower featurize.proj_dim (now {dim})"
             )
         targets = max(1, len(cfg.targets))
-        read = pcfg.n * N * dim * b * targets  # the runner scores each target in its own pass over every store
+        read = pcfg.n * N * dim * b  # one pass over each store for all targets (datamodel.score_targets)
         out.append(StagePlan("scores", 2 * N * dim * pcfg.n * targets, read / READ_BYTES_PER_S, 8 * N * targets, ram))
     ecfg = from_dict(
         TrainConfig, {k: v for k, v in cfg.eval_model.items() if k not in ("seed", "tokens")}, "eval_model."
