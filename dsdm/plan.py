@@ -101,9 +101,7 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
     cells = plan_cells(cfg, L, N)
     flops = sum(6 * Pe * c.tokens for c in cells)
     out.append(
-        StagePlan(
-            "models", flops, flops / train_rate, len(cells) * 4 * Pe, BASE_RSS + 16 * Pe, 16 * Pe * bool(gpu_mem)
-        )
+        StagePlan("models", flops, flops / train_rate, len(cells) * 4 * Pe, BASE_RSS + 16 * Pe, 16 * Pe * bool(gpu_mem))
     )
     for st in out:
         if gpu_mem and st.gpu > gpu_mem:
