@@ -9,39 +9,13 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
+
+# the hand-built bigram model and its word tokenizer: golden log-probabilities are sums of table entries
+from test_models import TABLE, WORDS, Bigram
+from test_models import _word_tokenizer as word_tokenizer
 
 from dsdm.evaluate import evaluate_task
-from dsdm.model import GPTConfig
 from dsdm.tasks import MC_CHOICES, Task, TaskExample, load_task, mc_examples
-
-
-class Bigram(nn.Module):
-    """logits[b, t] = log P(. | tokens[b, t]) from a fixed table: golden log-probabilities are sums of entries."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.logp = nn.Parameter(torch.log(torch.as_tensor(table, dtype=torch.float64)), requires_grad=False)
-        self.config = GPTConfig(vocab_size=len(table), seq_len=64, n_layer=1, n_head=1, d_model=1)
-
-    def forward(self, tokens):
-        return self.logp[tokens]
-
-
-def word_tokenizer(words):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tok
-
-
-WORDS = ["<|endoftext|>", "<unk>", "a", "b", "c", "d"]
-TABLE = np.full((6, 6), 0.1)
-TABLE[2] = [0.05, 0.05, 0.1, 0.6, 0.1, 0.1]  # after a: b likely
-TABLE[3] = [0.05, 0.05, 0.1, 0.1, 0.5, 0.2]  # after b: c likely, then d
-TABLE[4] = [0.05, 0.05, 0.7, 0.1, 0.05, 0.05]  # after c: a likely
 
 
 def test_mc_accuracy_summed_and_per_character_golden_values():
