@@ -316,7 +316,6 @@ def _train_recipe(cfg: ExperimentConfig) -> dict:
 
 
 def stage_key(stage: Stage, keys: dict[str, str]) -> str:
-
     return record_key(stage.config, {name: keys[name] for name in stage.inputs})
 
 
@@ -440,7 +439,6 @@ class Context:
     the pool (opened once it exists). It holds no results: every stage reads its inputs from their folders."""
 
     def __init__(self, cfg: ExperimentConfig, out: Path):
-
         self.cfg, self.out = cfg, out
         self.device, self.device_reason = resolve_device(cfg.device)
         specs = [s for t in cfg.targets for s in t.tasks] + list(cfg.unseen)
@@ -462,7 +460,6 @@ class Context:
 
     @functools.cached_property
     def pool(self):
-
         return Pool(self.pool_dir)
 
     def eval_groups(self) -> dict[str, list[str]]:
@@ -482,7 +479,6 @@ class Context:
     # -- shared, compute-heavy stages --------------------------------------------------------------------------
 
     def build_pool(self, redo: bool) -> None:
-
         build_pool(self.cfg.pool.inputs, self.pool_dir, self._pool_cfg(PoolBuildConfig), force=redo)
         self.__dict__.pop("pool", None)
 
@@ -490,12 +486,10 @@ class Context:
         return _stage_cfg(cls, self.cfg.pool.build, "pool.build")
 
     def train_proxies(self, redo: bool) -> None:
-
         pcfg = _stage_cfg(ProxiesConfig, self.cfg.proxy, "proxy")
         proxies_run(self.pool_dir, self.out / "proxies", pcfg, force=redo)
 
     def featurize(self, redo: bool) -> None:
-
         fcfg = _stage_cfg(FeaturizeConfig, self.cfg.featurize, "featurize", device=self.cfg.device)
         featurize_run(self.pool_dir, self.out / "proxies", self.out / "features", fcfg, force=redo)
 
@@ -549,7 +543,6 @@ class Context:
         log(f"{name}: {time.time() - started:.1f}s")
 
     def select(self, name: str, cell: Cell, redo: bool) -> None:
-
         started, d = time.time(), self._clean(name)
         cls = METHODS[cell.method]
         opts = dict(self.cfg.method_options.get(cell.method, {}))
@@ -586,7 +579,6 @@ class Context:
     # -- evaluation models -------------------------------------------------------------------------------------------
 
     def train_model(self, name: str, sel: str, cell: Cell, redo: bool) -> None:
-
         indices, _ = selections.read(self.out / sel)
         tcfg = _stage_cfg(
             TrainConfig, self.cfg.eval_model, "eval_model", seed=cell.seed, device=self.cfg.device, tokens=cell.tokens
@@ -594,7 +586,6 @@ class Context:
         train(self.pool, indices, tcfg, self.out / name, force=redo)
 
     def evaluate(self, name: str, model_stage: str, cell: Cell, redo: bool) -> None:
-
         started, d = time.time(), self._clean(name)
         model = load_model(self.out / model_stage).to(self.device)
         metrics = {}
@@ -618,7 +609,6 @@ METRIC_KEYS = ("loss", "accuracy", "mc_accuracy", "chance", "loss_ci", "mc_ci", 
 
 
 def _stage_cfg(cls, data: dict, key: str, **fixed):
-
     names = {f.name for f in dataclasses.fields(cls)}
     return from_dict(cls, {**data, **{k: v for k, v in fixed.items() if k in names}}, prefix=key + ".")
 
