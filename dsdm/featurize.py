@@ -370,6 +370,10 @@ def store_lock(store: Path, shared: bool = False):
                 f"{store} is being filled by another dsdm featurize ({holders}); wait for it to finish or stop it "
                 "(slices of one plan, --shard-index I --num-shards N, may share a store)"
             ) from None
+        for stale in store.glob(f".holder.{host}.*"):  # records left by killed runs on this host: the flock is ours now
+            other = stale.name.rpartition(".")[2]
+            if other.isdigit() and int(other) != pid and not Path(f"/proc/{other}").exists():
+                stale.unlink(missing_ok=True)
         me.write_text(f"pid {pid} on {host} ({'a shard slice' if shared else 'the whole store'})")
         yield
     finally:

@@ -14,8 +14,8 @@ Writes go to a temporary name in the same directory and are renamed into place, 
 whole file; a directory without its record is unfinished and is redone (or resumed where the stage can).
 
 Test hook (used by the crash tests, never set in normal use): DSDM_FAULT=kill@N sends SIGKILL to this process at the
-N-th atomic write, DSDM_FAULT=enospc@N raises OSError(ENOSPC) there, DSDM_FAULT=count=FILE writes the running count of
-atomic writes to FILE.
+N-th atomic write, DSDM_FAULT=enospc@N raises OSError(ENOSPC) there, DSDM_FAULT=count=FILE appends "N<TAB>path" to FILE
+for every atomic write (the map from write numbers to the stages that make them).
 """
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ IGNORED_DIRS = {"checkpoint"}  # in-progress state of a running stage: never par
 _fault_count = 0
 
 
-def _fault_point() -> str | None:
-    """Count one atomic write; act on DSDM_FAULT. Returns "after" when the kill must follow the rename."""
+def _fault_point(path: Path) -> str | None:
+    """Count one atomic write (of `path`); act on DSDM_FAULT. Returns "after" when the kill must follow the rename."""
     global _fault_count
     spec = os.environ.get("DSDM_FAULT")
     if not spec:
         return None
     _fault_count += 1
     if spec.startswith("count="):
-        Path(spec[6:]).write_text(str(_fault_count))
+        with open(spec[6:], "a", encoding="utf-8") as f:
+            f.write(f"{_fault_count}\t{path}\n")
         return None
     action, _, at = spec.partition("@")
     if not at.isdigit() or _fault_count != int(at):
@@ -83,7 +84,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        kill_after_rename = _fault_point() == "after"
+        kill_after_rename = _fault_point(path) == "after"
         os.replace(tmp, path)
         if kill_after_rename:
             _die()

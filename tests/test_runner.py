@@ -301,8 +301,8 @@ def _outputs(run: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def built(micro, tmp_path_factory):
-    """A run that builds its pool (every stage of the pipeline inside the run) and the number of atomic writes it
-    makes from scratch: the address space of the fault points."""
+    """A run that builds its pool (every stage of the pipeline inside the run) and its trace of atomic writes from
+    scratch, [(write number, path relative to the run)]: the address space of the fault points."""
     root, _ = micro
     budget = {"tokens": 2048, "epochs": 4, "one_epoch_variant": False, "compute_multipliers": [1, 2]}
     cfg = _config(root, build_pool=True, seeds=[0], budget=budget)  # one seed, fewer cells: every stage kind, faster
@@ -310,11 +310,13 @@ def built(micro, tmp_path_factory):
     counter = run.parent / "count"
     r = _dsdm(["experiment", str(cfg), "--out", str(run), *FAST], env={"DSDM_FAULT": f"count={counter}"})
     assert r.returncode == 0, r.stderr[-3000:]
-    return cfg, run, int(counter.read_text())
+    trace = [line.split("\t", 1) for line in counter.read_text().splitlines()]
+    return cfg, run, [(int(n), Path(p).relative_to(run).as_posix()) for n, p in trace]
 
 
 def test_disk_full_leaves_no_stage_marked_done(built, tmp_path):
-    cfg, ref, n_writes = built
+    cfg, ref, trace = built
+    n_writes = len(trace)
     for i, at in enumerate(np.random.default_rng(1).choice(np.arange(1, n_writes + 1), size=2, replace=False)):
         out = tmp_path / f"run{i}"
         r = _dsdm(["experiment", str(cfg), "--out", str(out), *FAST], env={"DSDM_FAULT": f"enospc@{at}"})
@@ -326,23 +328,34 @@ def test_disk_full_leaves_no_stage_marked_done(built, tmp_path):
         assert _outputs(out) == _outputs(ref)
 
 
-def _kill_points(n_writes: int, ref: Path) -> list[int]:
-    """Seeded kill points, at least one inside each stage kind (stages run in order, so write counts map to them)."""
+STAGE_KINDS = ("pool/", "references/", "proxies/", "features/", "scores/", "selections/", "models/", "eval/", "report")
+
+
+def _kill_points(trace: list[tuple[int, str]]) -> dict[str, int]:
+    """{stage kind: a seeded random write number among that stage's writes}: one kill inside every stage kind, from
+    the pool build to the report (figures and report.md/html)."""
     rng = np.random.default_rng(0)
-    return sorted({int(x) for x in rng.integers(1, n_writes + 1, size=6)} | {2, 5, n_writes - 1})
+    points = {}
+    for kind in STAGE_KINDS:
+        writes = [
+            n for n, p in trace if p.startswith(kind) or (kind == "report" and p.startswith(("report", "figures/")))
+        ]
+        assert writes, f"the reference run made no write in {kind}"
+        points[kind] = int(rng.choice(writes))
+    return points
 
 
 def test_kill_anywhere_resumes_to_the_same_bytes(built, tmp_path):
-    cfg, ref, n_writes = built
+    cfg, ref, trace = built
     expected = _outputs(ref)
-    for at in _kill_points(n_writes, ref):
+    for kind, at in _kill_points(trace).items():
         out = tmp_path / f"kill{at}"
         r = _dsdm(["experiment", str(cfg), "--out", str(out), *FAST], env={"DSDM_FAULT": f"kill@{at}"})
-        assert r.returncode == -9, f"kill@{at}: exit {r.returncode}\n{r.stderr[-2000:]}"
+        assert r.returncode == -9, f"kill@{at} ({kind}): exit {r.returncode}\n{r.stderr[-2000:]}"
         finished = {p: read_json(p)["finished"] for p in out.rglob(DONE_FILE) if "run" in read_json(p)}
         r = _dsdm(["experiment", str(cfg), "--out", str(out), *FAST])
         assert r.returncode == 0, f"resume after kill@{at}:\n{r.stderr[-3000:]}"
-        assert _outputs(out) == expected, f"kill@{at}: resumed run differs"
+        assert _outputs(out) == expected, f"kill@{at} ({kind}): resumed run differs"
         # finished stages were not redone: their records are the ones written before the kill
         assert {p: read_json(p)["finished"] for p in finished} == finished
         assert verify(out)[0] == []
