@@ -9,9 +9,9 @@ diagonal). Run: python -m pytest -q -m gpu tests/test_gpu.py
 import numpy as np
 import pytest
 import torch
+from test_models import _pool as models_pool
 
 from dsdm.model import build_model
-from dsdm.pool import Pool, PoolWriter
 
 pytestmark = pytest.mark.gpu
 
@@ -20,13 +20,9 @@ BF16_FEATURE_RTOL = 0.02
 GRAM_FP32_RTOL = 1e-5
 
 
-def _pool(path, n=48, T=32, vocab=97, seed=0):
-    rng = np.random.default_rng(seed)
-    w = PoolWriter(path, vocab_size=vocab)
-    for i in range(n):
-        start, stride = rng.integers(0, vocab), rng.integers(1, 4)
-        w.add((start + stride * np.arange(rng.integers(T // 2, T + 1))) % vocab, doc_id=f"d{i}", source="s")
-    return Pool(w.close({"seq_len": T, "mode": "document", "eos_id": 0}, config={"test": True}))
+def _pool(path, n=48, T=32):
+    """test_models' learnable pool (arithmetic sequences mod 97), a little larger."""
+    return models_pool(path, n=n, T=T)
 
 
 def _cfg(**over):
