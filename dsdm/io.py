@@ -252,23 +252,15 @@ def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def changed_keys(record: dict, config: Any, inputs: dict | None = None) -> list[str]:
-    """Dotted keys of `config` (and `inputs.<name>`) that differ from what produced `record`; [] if none."""
-    keys = _diff_keys(record.get("config", {}), plain(config))
-    if inputs is not None:
-        keys += ["inputs." + k for k in _diff_keys(record.get("inputs") or {}, plain(inputs))]
-    return keys
-
-
-def is_done(stage_dir: str | Path, config: dict, force: bool = False, inputs: dict | None = None) -> bool:
-    """True if `stage_dir` holds a record written with this exact `config` (and `inputs`, when given).
+def is_done(stage_dir: str | Path, config: dict, force: bool = False) -> bool:
+    """True if `stage_dir` holds a record written with this exact `config`.
 
     A record from a different config raises ValueError naming the changed keys, unless `force` (then False: redo).
     """
     record = read_record(stage_dir)
     if record is None:
         return False
-    changed = changed_keys(record, config, inputs)
+    changed = _diff_keys(record.get("config", {}), plain(config))
     if not changed:
         return True
     if force:
