@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from dsdm.io import (
     _diff_keys,
     canonical_json,
     mark_done,
+    plain,
     read_json,
     read_record,
     record_key,
@@ -319,7 +319,7 @@ def stage_key(stage: Stage, keys: dict[str, str]) -> str:
     return record_key(stage.config, {name: keys[name] for name in stage.inputs})
 
 
-def plan_stages(cfg: ExperimentConfig, out: Path, ctx: "Context", cells: list[Cell]) -> list[Stage]:
+def plan_stages(cfg: ExperimentConfig, ctx: "Context", cells: list[Cell]) -> list[Stage]:
     """Every stage of the experiment after the pool, in execution order (pure: nothing runs)."""
     stages: list[Stage] = []
     pool_input = ["pool"]  # the run's pool stage, or the key of the existing pool at pool.path
@@ -340,12 +340,12 @@ def plan_stages(cfg: ExperimentConfig, out: Path, ctx: "Context", cells: list[Ce
             name = score_stage_name(method, target.name if target else UNTARGETED_NAME)
             if name in score_stages:
                 continue
-            tasks = ctx.task_hashes(target.tasks if target else [])
             if cls.estimator_scores:  # one stage for every target: one pass over the feature store
                 targets = {t.name: ctx.task_hashes(t.tasks) for t in cfg.targets}
                 slice_ = {"score": {k: v for k, v in cfg.score.items() if k != "tasks"}, "targets": targets}
                 st = Stage(name, slice_, ["features"], functools.partial(ctx.estimator_scores, name))
             else:
+                tasks = ctx.task_hashes(target.tasks if target else [])
                 slice_ = {"method": method, "method_options": cfg.method_options.get(method, {}), "tasks": tasks}
                 st = Stage(name, slice_, pool_input, functools.partial(ctx.baseline_scores, name, method, target))
             score_stages[name] = st
@@ -387,7 +387,7 @@ def preflight(out: Path, stages: list[Stage], keys: dict[str, str]) -> list[tupl
     for st in stages:
         run = ((read_record(out / st.name) or {}).get("run")) or {}
         if run and run.get("key") != keys[st.name]:
-            changed = _diff_keys(run.get("config", {}), json.loads(json.dumps(st.config)))
+            changed = _diff_keys(run.get("config", {}), plain(st.config))
             old_inputs = run.get("inputs") or {}
             changed += [f"inputs.{n}" for n in st.inputs if old_inputs.get(n) != keys.get(n)]
             stale.append((st.name, changed or ["(unknown)"]))
@@ -445,7 +445,6 @@ class Context:
         self.tasks = {s: load_task(s) for s in dict.fromkeys(specs)}
         self.eval_specs = list(dict.fromkeys(specs))
         self._hashes: dict[str, str] = {}
-        self.pool_slice: dict = {}
 
     def task_hashes(self, specs: list[str]) -> dict[str, str]:
         """{task name: fingerprint of its examples}: keyed by name, so moving a task directory changes nothing."""
@@ -479,11 +478,19 @@ class Context:
     # -- shared, compute-heavy stages --------------------------------------------------------------------------
 
     def build_pool(self, redo: bool) -> None:
-        build_pool(self.cfg.pool.inputs, self.pool_dir, self._pool_cfg(PoolBuildConfig), force=redo)
+        build_pool(self.cfg.pool.inputs, self.pool_dir, self._pool_cfg(), force=redo)
         self.__dict__.pop("pool", None)
 
-    def _pool_cfg(self, cls):
-        return _stage_cfg(cls, self.cfg.pool.build, "pool.build")
+    def _pool_cfg(self) -> PoolBuildConfig:
+        return _stage_cfg(PoolBuildConfig, self.cfg.pool.build, "pool.build")
+
+    @functools.cached_property
+    def pool_slice(self) -> dict:
+        """The pool stage's slice: the build settings that change the pool, and the sha256 of every input file
+        (computed once per run: plan() is called again after the pool is built)."""
+        settings = {k: v for k, v in dataclasses.asdict(self._pool_cfg()).items() if k not in ("workers", "batch_docs")}
+        files = input_fingerprints(expand_inputs(self.cfg.pool.inputs))
+        return {"pool": {"build": settings, "inputs": [f["sha256"] for f in files]}}
 
     def train_proxies(self, redo: bool) -> None:
         pcfg = _stage_cfg(ProxiesConfig, self.cfg.proxy, "proxy")
@@ -653,17 +660,12 @@ def plan(ctx: Context) -> tuple[list[Cell] | None, list[Stage], dict[str, str]]:
     if cfg.pool.path:  # an existing pool: its content fingerprint is the key every stage reading it depends on
         keys["pool"] = record_key({"pool": {"fingerprint": ctx.pool.fingerprint}})
     else:
-        if not ctx.pool_slice:
-            settings = dataclasses.asdict(ctx._pool_cfg(PoolBuildConfig))
-            settings = {k: v for k, v in settings.items() if k not in ("workers", "batch_docs")}
-            files = input_fingerprints(expand_inputs(cfg.pool.inputs))
-            ctx.pool_slice = {"pool": {"build": settings, "inputs": [f["sha256"] for f in files]}}
         pool_stage = Stage("pool", ctx.pool_slice, [], ctx.build_pool)
         keys["pool"] = stage_key(pool_stage, keys)
         if ((read_record(out / "pool") or {}).get("run") or {}).get("key") != keys["pool"]:
             return None, [pool_stage], keys
     cells = plan_cells(cfg, ctx.pool.seq_len, len(ctx.pool))
-    stages = plan_stages(cfg, out, ctx, cells)
+    stages = plan_stages(cfg, ctx, cells)
     for st in stages:
         keys[st.name] = stage_key(st, keys)
     return cells, ([] if cfg.pool.path else [pool_stage]) + stages, keys
