@@ -28,6 +28,7 @@ import numpy as np
 from dsdm.baselines import METHODS
 from dsdm.common import check_requirements, log
 from dsdm.config import from_dict, load_yaml
+from dsdm.evaluate import bootstrap_ci
 from dsdm.io import atomic_write_text, read_json
 from dsdm.pool import Pool
 from dsdm.results import UNTARGETED_NAME
@@ -196,26 +197,25 @@ def mc_table(rows: list[dict], outcomes: dict[tuple, list], seed: int = 0) -> tu
     chance = {t: mean_sd([r["chance"] for r in main if r["eval_task"] == t])[0] for t in tasks}
     out = [["chance", "", "", ""] + [f"{chance[t]:.3f}" for t in tasks]]
     agg = aggregate(main, "mc_accuracy")
+    seeds = defaultdict(list)  # (target, method, k, epochs, tokens, task) -> the seeds of its rows
+    for r in main:
+        seeds[(r["target"], r["method"], r["k"], r["epochs"], r["tokens"], r["eval_task"])].append(r["seed"])
     rank = {m: i for i, m in enumerate(ordered(k[1] for k in agg))}
     keys = sorted({k[:5] for k in agg}, key=lambda k: (k[0] != UNTARGETED_NAME, k[0], rank[k[1]], k[2]))
-    rng = np.random.default_rng(seed)
     for t, m, k, e, tok in keys:
         cells = []
         for task in tasks:
-            mu, _, n = agg.get((t, m, k, e, tok, task), (math.nan, math.nan, 0))
+            mu = agg.get((t, m, k, e, tok, task), (math.nan,))[0]
             pooled = [
                 float(c)
-                for r in main
-                if (r["target"], r["method"], r["k"], r["epochs"], r["tokens"], r["eval_task"])
-                == (t, m, k, e, tok, task)
-                for c in outcomes.get((t, m, k, e, r["seed"], tok, task)) or []
+                for s in seeds[(t, m, k, e, tok, task)]
+                for c in outcomes.get((t, m, k, e, s, tok, task)) or []
                 if c is not None
             ]
             if math.isnan(mu):
                 cells.append("–")
             elif len(pooled) > 1:
-                v = np.asarray(pooled)
-                lo, hi = np.quantile(v[rng.integers(0, v.size, size=(1000, v.size))].mean(1), [0.025, 0.975])
+                lo, hi = bootstrap_ci(np.asarray(pooled), seed=seed)
                 cells.append(f"{mu:.3f} [{lo:.3f}, {hi:.3f}]")
             else:
                 cells.append(f"{mu:.3f}")
