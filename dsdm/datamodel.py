@@ -87,15 +87,78 @@ def task_mix(per_task: np.ndarray) -> np.ndarray:
     return per_task.mean(axis=1)
 
 
-def mean_target_features(sketch, tokens: np.ndarray, score: np.ndarray, device, batch_size: int = 16) -> np.ndarray:
-    """Mean projected gradient over target examples, (dim,) float64; a running sum, never (n, dim) at once."""
+def mean_target_features(
+    sketch, tokens: np.ndarray, score: np.ndarray, device, batch_size: int = 16, unit_columns: np.ndarray | None = None
+) -> np.ndarray:
+    """Mean projected gradient over target examples, (dim,) float64; a running sum, never (n, dim) at once.
+
+    unit_columns: if given (column indices), each example's gradient is first divided by its norm over those columns
+    (ScoreConfig.normalize = target|both: every target example weighs the same, whatever its length or loss)."""
     total = None
     for start in range(0, tokens.shape[0], batch_size):
         t = torch.as_tensor(tokens[start : start + batch_size], device=device)
         s = torch.as_tensor(score[start : start + batch_size], device=device)
-        g = sketch.sketch(t, s)[0].detach().double().sum(0).cpu().numpy()
-        total = g if total is None else total + g
+        g = sketch.sketch(t, s)[0].detach().double().cpu().numpy()  # (B, dim)
+        if unit_columns is not None:
+            norms = np.linalg.norm(g[:, unit_columns], axis=1, keepdims=True)
+            g = g / np.where(norms > 0, norms, 1.0)
+        total = g.sum(0) if total is None else total + g.sum(0)
     return total / tokens.shape[0]
+
+
+def kept_blocks(layout: list[tuple[str, int, int]], exclude: list[str]) -> list[tuple[str, int, int]]:
+    """The layout's column blocks whose layer name starts with none of `exclude` (ScoreConfig.exclude_layers)."""
+    kept = [b for b in layout if not any(b[0].startswith(prefix) for prefix in exclude)]
+    if not kept:
+        names = ", ".join(b[0] for b in layout)
+        raise ValueError(f"score.exclude_layers={exclude} drops every feature block ({names}); keep at least one")
+    return kept
+
+
+def unit_gram(features: np.ndarray, columns: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Gram of the row-normalized features restricted to `columns`, and 1 / row norms (0 for an all-zero row).
+
+    features (N, k) (a memmap is read `block` rows at a time) -> (len(columns), len(columns)) float64, (N,) float64."""
+    c = len(columns)
+    gram, inv = np.zeros((c, c)), np.empty(features.shape[0])
+    for start in range(0, features.shape[0], block):
+        rows = np.asarray(features[start : start + block], dtype=np.float64)[:, columns]
+        norms = np.linalg.norm(rows, axis=1)
+        inv[start : start + rows.shape[0]] = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)
+        rows *= inv[start : start + rows.shape[0], None]
+        gram += rows.T @ rows
+    return gram, inv
+
+
+def kernel_term(features, gram: np.ndarray, gbar: np.ndarray, cfg, layout, device=None) -> np.ndarray:
+    """u = G' W for one proxy under the kernel switches of `cfg` (ScoreConfig). -> (N, T) float64.
+
+    features (N, k), gram (k, k) = G^T G of the stored features, gbar (k, T) the targets' mean gradients (already
+    unit-normalized per example if cfg.normalize asks), layout: feature_layout's column blocks. G' keeps the columns
+    of the layers not excluded, each row divided by its norm over them when cfg.normalize is pool|both (the Gram is
+    then recomputed from the features, one streamed pass). kernel=global: W = (K' + lam I)^-1 gbar' (TRAK);
+    per_layer: the same solve per layer block of K' (block-diagonal kernel, each block with its own relative ridge).
+    W gets zero rows for dropped columns, so the pool is streamed once, unsliced."""
+    blocks = kept_blocks(layout, cfg.exclude_layers)
+    columns = np.concatenate([np.arange(a, b) for _, a, b in blocks])
+    inv_norm = None
+    if cfg.normalize in ("pool", "both"):
+        sub_gram, inv_norm = unit_gram(features, columns, cfg.block)
+    else:
+        sub_gram = np.asarray(gram)[np.ix_(columns, columns)]
+    g = np.asarray(gbar)[columns]
+    if cfg.kernel == "per_layer":
+        w_sub, offset = np.zeros_like(g), 0
+        for _, a, b in blocks:
+            part = slice(offset, offset + b - a)
+            w_sub[part] = solve(sub_gram[part, part], g[part], cfg.ridge)
+            offset += b - a
+    else:
+        w_sub = solve(sub_gram, g, cfg.ridge)
+    W = np.zeros((features.shape[1], g.shape[1]))
+    W[columns] = w_sub
+    u = stream_scores(features, W, cfg.block, device)
+    return u if inv_norm is None else u * inv_norm[:, None]
 
 
 # -----------------------------------------------------------------------------
@@ -112,12 +175,30 @@ class ScoreConfig:
     """Multiply by the mean Q (out-to-loss term); false is the ablation."""
     target_batch_size: int = 16
     """Target examples per forward/backward when computing gbar."""
+    normalize: str = "none"
+    """Unit-normalize projected gradients (cosine, as LESS and TrackStar do, docs/estimator.md "Variants"): none |
+    pool (each pool example's feature row, Gram recomputed from the normalized rows) | target (each target example's
+    gradient before the mean) | both."""
+    kernel: str = "global"
+    """global (one Gram over all feature columns: TRAK) | per_layer (block-diagonal: each nn.Linear's columns solved
+    against their own Gram block; factorized stores; a dense store is one block, so it equals global)."""
+    exclude_layers: list[str] = field(default_factory=list)
+    """Drop the feature columns of the Linear layers whose name starts with any of these (e.g. [lm_head]); factorized
+    stores only (a dense store's columns mix all parameters)."""
+    num_proxies: int = 0
+    """Ensemble only the first m proxies of the store (0 = all): the ensemble-size ablation without re-featurizing."""
     tasks: list[str] = field(default_factory=list)
     """Task specs (dirs or JSONL, see dsdm.tasks); filled from --target."""
 
     def __post_init__(self):
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if self.normalize not in ("none", "pool", "target", "both"):
+            raise ValueError(f"score.normalize must be none, pool, target or both, got {self.normalize!r}")
+        if self.kernel not in ("global", "per_layer"):
+            raise ValueError(f"score.kernel must be global or per_layer, got {self.kernel!r}")
+        if self.num_proxies < 0:
+            raise ValueError(f"score.num_proxies must be >= 0 (0 = all), got {self.num_proxies}")
         if self.block <= 0:
             raise ValueError(f"block must be positive, got {self.block}")
 
@@ -170,10 +251,16 @@ def score_tasks_per_proxy(
     from dsdm.featurize import FeaturizeConfig, build_sketch
     from dsdm.model import load_model
     from dsdm.pool import Pool
+    from dsdm.sketch import feature_layout
     from dsdm.tasks import encode_examples, load_task
 
     manifest, stores = load_features(features_dir, device)
+    if cfg.num_proxies > len(stores):
+        raise ValueError(f"score.num_proxies={cfg.num_proxies}, but {features_dir} has {len(stores)} proxies")
+    stores = stores[: cfg.num_proxies or len(stores)]
     fcfg = FeaturizeConfig(**{**manifest["featurize"], "device": "cpu"})
+    if cfg.exclude_layers and fcfg.projector != "factorized":
+        raise ValueError("score.exclude_layers needs a factorized store (a dense projection mixes all parameters)")
     pool = Pool(manifest["pool"])
     tasks = [load_task(spec) for spec in task_specs]
     encoded = [encode_examples(pool.tokenizer, t.target, pool.seq_len, pool.eos_id) for t in tasks]
@@ -181,14 +268,19 @@ def score_tasks_per_proxy(
     for m, store in enumerate(stores):
         model = load_model(manifest["proxies"][m]).to(device)
         sketch = build_sketch(model, fcfg, m, device)
+        layout = feature_layout(sketch)
+        unit = None
+        if cfg.normalize in ("target", "both"):
+            unit = np.concatenate([np.arange(a, b) for _, a, b in kept_blocks(layout, cfg.exclude_layers)])
         gbar = np.stack(
-            [mean_target_features(sketch, tok, sc, device, cfg.target_batch_size) for tok, _, sc in encoded], 1
+            [mean_target_features(sketch, tok, sc, device, cfg.target_batch_size, unit) for tok, _, sc in encoded], 1
         )  # (k, T)
-        W = solve(np.load(store / "gram.npy"), gbar, cfg.ridge)
-        us.append(stream_scores(np.load(store / "features.npy", mmap_mode="r"), W, cfg.block, device))
+        features = np.load(store / "features.npy", mmap_mode="r")
+        u = kernel_term(features, np.load(store / "gram.npy"), gbar, cfg, layout, device)
+        us.append(u)
         q = np.load(store / "q.npy")
         qs.append(q if cfg.use_q else np.ones_like(q))
-        log(f"proxy {m}: scored {len(tasks)} task(s), |W| = {np.abs(W).mean():.3g}")
+        log(f"proxy {m}: scored {len(tasks)} task(s), mean |u| = {np.abs(u).mean():.3g}")
     return us, qs, [t.name for t in tasks]
 
 

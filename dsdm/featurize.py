@@ -34,6 +34,7 @@ from dsdm.sketch import (  # noqa: F401 - re-exported: the sketch API callers ha
     dense_matrix,
     dense_params,
     dense_project,
+    feature_layout,
     featurize_batches,
     fwht,
     make_sketch,

@@ -513,6 +513,19 @@ def make_sketch(
     raise ValueError(f"projector must be 'factorized' or 'dense', got {projector!r}")
 
 
+def feature_layout(sketch) -> list[tuple[str, int, int]]:
+    """Column blocks of a sketch's features: [(name, start, stop)]. Factorized: one block per nn.Linear, in the order
+    the features are concatenated (named_modules order, k_o * k_i columns each); dense: one block ("all", 0, k), since
+    its projection mixes every parameter into every column. Scoring uses it for per-layer kernels and dropped layers."""
+    if isinstance(sketch, FactorizedSketch):
+        blocks, start = [], 0
+        for (name, _), (ko, ki) in zip(sketch.linears, sketch.dims):
+            blocks.append((name, start, start + ko * ki))
+            start += ko * ki
+        return blocks
+    return [("all", 0, sketch.dim)]
+
+
 def featurize_batches(sketch, batches, device) -> tuple[np.ndarray, np.ndarray]:
     """Run `sketch` over (tokens, score) numpy batches -> features (n, dim) float32, Q (n,) float32."""
     feats, qs = [], []

@@ -108,6 +108,9 @@ class ValidateConfig:
     instead). False gives model j the seed seed * 1000 + j, as before."""
     ridge: float = 1e-2
     """Relative ridge of the datamodel (dsdm.datamodel)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """More task specs every model is also evaluated on: the subsets are random, not drawn for the target, so the
+    same models measure the LDS of any task (`dsdm lds-sweep` reads them from lds.json "losses_by_task")."""
     train: dict = field(default_factory=dict)
     """Trainer settings (dsdm.train.TrainConfig keys), the same for every model trained here."""
     device: str = "auto"
@@ -121,13 +124,17 @@ class ValidateConfig:
 
 
 def _train_and_eval(pool, indices, cfg: ValidateConfig, seed: int, out_dir: Path, evals: dict, device) -> dict:
+    """Train on `indices`, then the mean continuation loss of every (task, split) in evals -> {task: {split: loss}}."""
     from dsdm.config import from_dict
     from dsdm.model import load_model
     from dsdm.train import TrainConfig, train
 
     tcfg = {**cfg.train, "seed": seed}
     model = load_model(train(pool, indices, from_dict(TrainConfig, tcfg, prefix="train."), out_dir)).to(device)
-    return {name: float(continuation_loss(model, tok, sc, device).mean()) for name, (tok, sc) in evals.items()}
+    return {
+        task: {split: float(continuation_loss(model, tok, sc, device).mean()) for split, (tok, sc) in splits.items()}
+        for task, splits in evals.items()
+    }
 
 
 def _train_seed(cfg: ValidateConfig, model_index: int) -> int:
@@ -150,22 +157,34 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
     log(f"device {why}")
     pool, out_dir = Pool(pool_dir), Path(out_dir)
     task = load_task(task_spec)
-    evals = {}
-    for split in ("target", "holdout"):
-        tok, _, sc = encode_examples(pool.tokenizer, task.split(split), pool.seq_len, pool.eos_id)
-        evals[split] = (tok, sc)
+    specs = {task.name: str(task_spec)}
+    for spec in cfg.eval_tasks:
+        other = load_task(spec)
+        if other.name in specs:
+            raise ValueError(f"validate.eval_tasks: task {other.name!r} ({spec}) is already evaluated; list it once")
+        specs[other.name] = str(spec)
+    evals = {}  # task name -> split -> (tokens, score mask); the primary task first
+    for name, spec in specs.items():
+        t = task if name == task.name else load_task(spec)
+        evals[name] = {}
+        for split in ("target", "holdout"):
+            tok, _, sc = encode_examples(pool.tokenizer, t.split(split), pool.seq_len, pool.eos_id)
+            evals[name][split] = (tok, sc)
     us, qs, _ = score_tasks_per_proxy(Path(features_dir), [task_spec], ScoreConfig(ridge=cfg.ridge), device)
     us = [u[:, 0] for u in us]
     scores = ensemble(us, qs)
     save_npy(out_dir / "scores.npy", scores.astype(np.float32))
     n = len(pool)
     subsets = [draw_subset(n, cfg.fraction, cfg.seed, 10_000 + j) for j in range(cfg.subsets)]
-    losses = []
+    by_task = {name: [] for name in evals}  # task -> per subset {"target": loss, "holdout": loss}
     for j, s in enumerate(subsets):
         save_npy(out_dir / "subsets" / f"subset_{j}.npy", s)
         model_dir = out_dir / "models" / f"lds_{j}"
-        losses.append(_train_and_eval(pool, s, cfg, _train_seed(cfg, j), model_dir, evals, device))
-        log(f"LDS subset {j + 1}/{cfg.subsets}: target loss {losses[-1]['target']:.4f}")
+        measured = _train_and_eval(pool, s, cfg, _train_seed(cfg, j), model_dir, evals, device)
+        for name in evals:
+            by_task[name].append(measured[name])
+        log(f"LDS subset {j + 1}/{cfg.subsets}: target loss {measured[task.name]['target']:.4f}")
+    losses = by_task[task.name]
     pred = subset_predictions(scores, subsets)
     target_losses = np.array([r["target"] for r in losses])
     record = {
@@ -174,6 +193,10 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         "lds_target_by_proxies": lds_by_ensemble_size(us, qs, subsets, target_losses),
         "predictions": pred.tolist(),
         "losses": losses,
+        "losses_by_task": by_task,
+        "task_specs": specs,
+        "pool": str(pool.path),
+        "features": str(features_dir),
         "config": vars(cfg),
     }
     if "source" in pool.meta.column_names:
@@ -190,7 +213,9 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         sanity = {}
         for name, idx in arms.items():
             model_dir = out_dir / "models" / name
-            sanity[name] = _train_and_eval(pool, np.sort(idx), cfg, _train_seed(cfg, 999), model_dir, evals, device)
+            sanity[name] = _train_and_eval(pool, np.sort(idx), cfg, _train_seed(cfg, 999), model_dir, evals, device)[
+                task.name
+            ]
             log(f"sanity {name} (k={k}): holdout loss {sanity[name]['holdout']:.4f}")
         h = {a: sanity[a]["holdout"] for a in arms}
         record["sanity"] = {

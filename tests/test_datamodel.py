@@ -156,3 +156,67 @@ def test_singular_gram_error_names_the_real_key():
     with pytest.raises(ValueError, match=r"raise score\.ridge") as e:
         solve(gram, np.ones((3, 1)), ridge=0.0)
     assert "datamodel.ridge" not in str(e.value)
+
+
+# -- estimator variants (docs/estimator.md "Variants"), each against the formula written out by hand ----------------
+
+
+def _blocks_case(seed=5):
+    rng = np.random.default_rng(seed)
+    layout = [("transformer.h.0.attn", 0, 6), ("transformer.h.0.mlp", 6, 14), ("lm_head", 14, 20)]
+    G = rng.normal(size=(120, 20)) * rng.uniform(0.2, 5.0, size=(120, 1))  # rows of very different norms
+    gbar = rng.normal(size=(20, 2))
+    return G, gbar, layout
+
+
+def test_kernel_term_default_is_traker_global_solve():
+    G, gbar, layout = _blocks_case()
+    u = D.kernel_term(G, G.T @ G, gbar, D.ScoreConfig(), layout)
+    np.testing.assert_allclose(u, G @ D.solve(G.T @ G, gbar, 1e-2), rtol=1e-12)
+
+
+def test_kernel_term_per_layer_is_block_diagonal_solve():
+    """kernel=per_layer: each layer's columns solved against their own Gram block, each with its own relative ridge."""
+    G, gbar, layout = _blocks_case()
+    u = D.kernel_term(G, G.T @ G, gbar, D.ScoreConfig(kernel="per_layer"), layout)
+    ref = sum(G[:, a:b] @ D.solve(G[:, a:b].T @ G[:, a:b], gbar[a:b], 1e-2) for _, a, b in layout)
+    np.testing.assert_allclose(u, ref, rtol=1e-10)
+    assert not np.allclose(u, G @ D.solve(G.T @ G, gbar, 1e-2))  # the cross-layer terms do matter here
+
+
+def test_kernel_term_pool_normalization_and_dropped_layers():
+    """normalize=pool: rows divided by their norm over the kept columns, Gram from those rows; exclude_layers drops
+    the named blocks' columns on both sides (here the LM head)."""
+    G, gbar, layout = _blocks_case()
+    cfg = D.ScoreConfig(normalize="pool", exclude_layers=["lm_head"], block=17)
+    u = D.kernel_term(G, G.T @ G, gbar, cfg, layout)
+    Gk = G[:, :14] / np.linalg.norm(G[:, :14], axis=1, keepdims=True)
+    np.testing.assert_allclose(u, Gk @ D.solve(Gk.T @ Gk, gbar[:14], 1e-2), rtol=1e-10)
+    with np.testing.assert_raises_regex(ValueError, "drops every feature block"):
+        D.kernel_term(G, G.T @ G, gbar, D.ScoreConfig(exclude_layers=["transformer", "lm"]), layout)
+
+
+def test_target_normalization_weighs_every_target_example_equally():
+    """normalize=target: the mean of unit-normalized per-example target gradients (real factorized sketch)."""
+    vocab, T = 23, 12
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, vocab, (5, T), generator=g).numpy()
+    score = np.zeros((5, T), dtype=bool)
+    score[:, T // 2 :] = True
+    model = TinyGPT(vocab=vocab, seq=T, seed=2)
+    sk = F.make_sketch(model, "factorized", 64, seed=0, proxy=0)
+    layout = F.feature_layout(sk)
+    assert [b[0] for b in layout] == [n for n, _ in sk.linears] and layout[-1][2] == sk.dim
+    assert all(layout[i][2] == layout[i + 1][1] for i in range(len(layout) - 1)) and layout[0][1] == 0
+    per = sk.sketch(torch.as_tensor(tokens), torch.as_tensor(score))[0].detach().double().numpy()
+    cols = np.arange(layout[0][1], layout[-2][2])  # every block but the last
+    ref = (per / np.linalg.norm(per[:, cols], axis=1, keepdims=True)).mean(0)
+    got = D.mean_target_features(sk, tokens, score, "cpu", batch_size=2, unit_columns=cols)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    np.testing.assert_allclose(D.mean_target_features(sk, tokens, score, "cpu", 2), per.mean(0), rtol=1e-6)
+
+
+def test_score_config_rejects_unknown_variant_values():
+    for bad in ({"normalize": "cosine"}, {"kernel": "kfac"}, {"num_proxies": -1}):
+        with np.testing.assert_raises(ValueError):
+            D.ScoreConfig(**bad)

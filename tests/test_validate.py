@@ -102,7 +102,9 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     assert main(feat + ["--proj-dim", "64", "--set", "batch_size=32"]) == 0
     lds_args = ["validate-lds", "--pool", str(pool), "--features", str(run / "features")]
     lds_args += ["--target", str(tmp_path / "tasks" / "cooking"), "--out", str(run / "lds")]
-    assert main(lds_args + ["--subsets", "4", "--fraction", "0.5"] + train + ["--set", "sanity_fraction=0.2"]) == 0
+    sports = str(tmp_path / "tasks" / "sports")
+    more = ["--set", "sanity_fraction=0.2", "--set", f"eval_tasks=[{sports}]"]
+    assert main(lds_args + ["--subsets", "4", "--fraction", "0.5"] + train + more) == 0
     assert "LDS" in capsys.readouterr().out
     rec = json.loads((run / "lds" / "lds.json").read_text())
     assert -1 <= rec["lds_target"] <= 1 and 0 <= rec["lds_target_p"] <= 1
@@ -115,6 +117,27 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     # the measured models can score other score files; the run's own scores give back the run's own LDS
     assert main(["lds-rescore", "--lds", str(run / "lds"), "--scores", str(run / "lds" / "scores.npy")]) == 0
     assert f"| {rec['lds_target']:+.3f} |" in capsys.readouterr().out
+
+    # every model was also evaluated on the sports task; the sweep scores variants on the same models. Its default
+    # row reproduces the run's own LDS (same scores, same losses); a variant that changes nothing gives the same row;
+    # the ensemble of the first proxy equals lds_target_by_proxies["1"]; DSIR enters as a row.
+    assert set(rec["losses_by_task"]) == {"cooking", "sports"} and len(rec["losses_by_task"]["sports"]) == 4
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("default: {}\nsame: {ridge: 0.01}\nfirst: {num_proxies: 1}\ncos: {normalize: both}\n")
+    sweep = ["lds-sweep", "--lds", str(run / "lds"), "--features", str(run / "features"), "--variants", str(variants)]
+    assert main(sweep + ["--out", str(run / "sweep"), "--set", "regime=micro test", "--set", "device=cpu"]) == 0
+    capsys.readouterr()
+    import csv
+
+    rows = {(r["variant"], r["target"]): r for r in csv.DictReader(open(run / "sweep" / "sweep.csv"))}
+    assert set(rows) == {(v, t) for v in ("default", "same", "first", "cos", "dsir") for t in ("cooking", "sports")}
+    assert float(rows["default", "cooking"]["lds"]) == pytest.approx(rec["lds_target"], abs=1e-4)
+    assert float(rows["first", "cooking"]["lds"]) == pytest.approx(rec["lds_target_by_proxies"]["1"], abs=1e-4)
+    assert rows["same", "sports"]["lds"] == rows["default", "sports"]["lds"]
+    assert rows["default", "sports"]["regime"] == "micro test" and rows["cos", "cooking"]["subsets"] == "4"
+    variants.write_text("bad: {normalise: pool}\n")
+    assert main(sweep + ["--out", str(run / "sweep2")]) == 2
+    assert "variant bad: normalise" in capsys.readouterr().err
 
     # features from another version of the random projection are refused, not silently mis-scored
     manifest = json.loads((run / "features" / "manifest.json").read_text())

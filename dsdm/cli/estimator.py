@@ -148,6 +148,33 @@ def register(subparsers) -> None:
     r.add_argument("--scores", required=True, nargs="+", metavar="FILE.npy", help="score vector(s), shape (N,)")
     r.set_defaults(func=_rescore)
 
+    w = subparsers.add_parser(
+        "lds-sweep",
+        help="LDS of many estimator variants and baselines on the models one validate-lds run trained",
+        formatter_class=RAW,
+        description=(
+            "Score estimator variants (ScoreConfig switches: use_q, ridge, normalize, kernel, exclude_layers,\n"
+            "num_proxies; or other feature stores of the same pool) and baselines (DSIR) for every task a\n"
+            "validate-lds run evaluated (its --set eval_tasks=[...]), on its subsets and losses: no training.\n\n"
+            "Reads: --lds DIR (lds.json, subsets/), --features DIR [NAME=DIR ...], --variants FILE.yaml (optional:\n"
+            "name -> {ScoreConfig key: value, features: NAME}; default: dsdm.lds_sweep.DEFAULT_VARIANTS).\n"
+            "Writes under --out: sweep.csv (variant, target, lds, p, lds_holdout, subsets, regime, features,\n"
+            "config), sweep.png, _done.json. Settings: --set regime='...' baselines=[dsir] device=cpu."
+        ),
+    )
+    w.add_argument("--lds", required=True, metavar="DIR", help="output directory of dsdm validate-lds")
+    w.add_argument(
+        "--features",
+        required=True,
+        nargs="+",
+        metavar="[NAME=]DIR",
+        help="the main feature store (DIR), and others as NAME=DIR for variants that name them",
+    )
+    w.add_argument("--variants", metavar="FILE.yaml", help="variants file (default: the built-in list)")
+    w.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    add_config_args(w)
+    w.set_defaults(func=_sweep)
+
 
 def _proxies(args) -> int:
     from dsdm.proxies import ProxiesConfig, run
@@ -213,4 +240,23 @@ def _rescore(args) -> int:
     print("| scores | LDS (target) | p | LDS (holdout) |\n|---|---:|---:|---:|")
     for row in rows:
         print(f"| {row['scores']} | {row['lds_target']:+.3f} | {row['lds_target_p']:.2f} | {row['lds_holdout']:+.3f} |")
+    return 0
+
+
+def _sweep(args) -> int:
+    from dsdm.lds_sweep import SweepConfig, read_variants, sweep
+
+    cfg = config_from_args(SweepConfig, args)
+    features = {}
+    for item in args.features:
+        name, _, path = item.partition("=") if "=" in item else ("main", "", item)
+        if name in features:
+            raise ValueError(f"--features: {name!r} given twice; name extra stores NAME=DIR")
+        features[name] = path
+    variants = read_variants(args.variants) if args.variants else None
+    rows = sweep(args.lds, features, args.out, cfg, variants)
+    print("| variant | target | LDS | p | LDS (holdout) |\n|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['target']} | {r['lds']:+.3f} | {r['p']:.2g} | {r['lds_holdout']:+.3f} |")
+    print(f"{args.out}/sweep.csv")
     return 0

@@ -1,0 +1,207 @@
+"""`dsdm lds-sweep`: the LDS of many estimator variants, and of the baselines' scores, on the models that ONE
+`dsdm validate-lds` run trained (docs/estimator.md "The LDS sweep").
+
+Training the subset models is the expensive part of an LDS; scoring is cheap. So the models are trained once
+(validate-lds, with `eval_tasks` so every model is also evaluated on the other task families) and every variant is
+only a different ScoreConfig (dsdm.datamodel: use_q, ridge, normalize, kernel, exclude_layers, num_proxies) or a
+different feature store of the same pool (another proj_dim, more proxies: `dsdm proxies train` + `dsdm featurize`),
+scored by the same code `dsdm score` runs. Each row of sweep.csv is one (variant, task): the Spearman LDS on the
+task's target split with its p-value, on its holdout split, the number of subsets and a free-text regime.
+
+Variants file (YAML): a mapping name -> ScoreConfig overrides, plus an optional `features: NAME` naming one of the
+extra stores given with `--features NAME=DIR`. Without it, DEFAULT_VARIANTS. The baselines (default: DSIR) are
+fitted on each task's target split and scored over the pool (dsdm.baselines.fit_and_score) and enter as rows too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dsdm.baselines import METHODS, fit_and_score, make, target_texts
+from dsdm.common import log, resolve_device
+from dsdm.config import from_dict
+from dsdm.datamodel import ScoreConfig, ensemble, load_features, score_tasks_per_proxy
+from dsdm.io import atomic_path, atomic_write_text, mark_done, read_json
+from dsdm.pool import Pool
+from dsdm.tasks import load_task
+from dsdm.validate import lds_summary, subset_predictions
+
+# name -> ScoreConfig overrides; "default" is ScoreConfig() itself. Chosen to answer docs/estimator.md's questions
+# one switch at a time (issue 13's list); combinations go in a variants file.
+DEFAULT_VARIANTS: dict[str, dict] = {
+    "default": {},
+    "no_q": {"use_q": False},
+    "ridge_1e-4": {"ridge": 1e-4},
+    "ridge_1e-3": {"ridge": 1e-3},
+    "ridge_1e-1": {"ridge": 1e-1},
+    "ridge_1": {"ridge": 1.0},
+    "ridge_10": {"ridge": 10.0},
+    "normalize_pool": {"normalize": "pool"},
+    "normalize_target": {"normalize": "target"},
+    "normalize_both": {"normalize": "both"},
+    "per_layer": {"kernel": "per_layer"},
+    "no_lm_head": {"exclude_layers": ["lm_head"]},
+    "only_lm_head": {"exclude_layers": ["transformer"]},
+    "proxies_1": {"num_proxies": 1},
+}
+
+COLUMNS = ["variant", "target", "lds", "p", "lds_holdout", "subsets", "regime", "features", "config"]
+
+
+@dataclass
+class SweepConfig:
+    regime: str = ""
+    """Free text written to every row's `regime` column: what the LDS models were (preset, tokens, subset size)."""
+    baselines: list[str] = field(default_factory=lambda: ["dsir"])
+    """Baseline methods (dsdm.baselines.METHODS with per-example scores) whose LDS is measured beside the variants."""
+    device: str = "auto"
+    """Device for the target gradients and the streamed scoring."""
+
+
+def load_lds_run(lds_dir) -> dict:
+    """lds.json of a validate-lds run with its subsets: {"subsets": [S arrays], "tasks": {name: (spec, target (S,),
+    holdout (S,))}, "pool": dir, "n": N}. Runs older than `eval_tasks` give their one task."""
+    lds_dir = Path(lds_dir)
+    if not (lds_dir / "lds.json").exists():
+        raise FileNotFoundError(f"{lds_dir}/lds.json not found: run `dsdm validate-lds --out {lds_dir}` first")
+    rec = read_json(lds_dir / "lds.json")
+    if "losses_by_task" not in rec:
+        raise ValueError(
+            f"{lds_dir}/lds.json has no losses_by_task (made before `eval_tasks`): re-run validate-lds to sweep it"
+        )
+    subsets = [np.load(lds_dir / "subsets" / f"subset_{j}.npy") for j in range(len(rec["losses"]))]
+    tasks = {
+        name: (
+            rec["task_specs"][name],
+            np.array([r["target"] for r in rows]),
+            np.array([r["holdout"] for r in rows]),
+        )
+        for name, rows in rec["losses_by_task"].items()
+    }
+    n = len(np.load(lds_dir / "scores.npy", mmap_mode="r"))
+    return {"subsets": subsets, "tasks": tasks, "pool": rec["pool"], "n": n, "config": rec["config"]}
+
+
+def read_variants(path) -> dict[str, dict]:
+    """A variants YAML file: mapping name -> ScoreConfig overrides (+ optional features: NAME)."""
+    import yaml
+
+    text = Path(path).read_text()
+    variants = yaml.safe_load(text)
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ValueError(f"{path}: expected a mapping of variant name -> {{ScoreConfig key: value}}")
+    return variants
+
+
+def _rows_for(name, scores, run, regime, features, config) -> list[dict]:
+    """One row per task: the LDS of (N, T) per-task scores (columns in run['tasks'] order)."""
+    rows = []
+    for t, (task, (_, target, holdout)) in enumerate(run["tasks"].items()):
+        pred = subset_predictions(scores[:, t], run["subsets"])
+        summary = lds_summary(pred, target, holdout)
+        rows.append(
+            {
+                "variant": name,
+                "target": task,
+                "lds": round(summary["lds_target"], 4),
+                "p": float(f"{summary['lds_target_p']:.3g}"),
+                "lds_holdout": round(summary["lds_holdout"], 4),
+                "subsets": len(run["subsets"]),
+                "regime": regime,
+                "features": features,
+                "config": json.dumps(config, sort_keys=True),
+            }
+        )
+    return rows
+
+
+def sweep(
+    lds_dir, features: dict[str, str], out_dir, cfg: SweepConfig, variants: dict[str, dict] | None = None
+) -> list[dict]:
+    """Score every variant (and baseline) and write out_dir/sweep.csv (+ sweep.png if matplotlib is installed).
+
+    features: name -> feature store of the LDS run's pool; "main" is the store variants use unless they name another.
+    Returns the rows (COLUMNS)."""
+    started = time.time()
+    run = load_lds_run(lds_dir)
+    variants = dict(DEFAULT_VARIANTS if variants is None else variants)
+    if "main" not in features:
+        raise ValueError("lds-sweep needs the main feature store (--features DIR)")
+    for name, store in features.items():
+        manifest, _ = load_features(Path(store))
+        if manifest["num_examples"] != run["n"]:
+            raise ValueError(
+                f"{store}: {manifest['num_examples']} examples, but {lds_dir} measured a pool of {run['n']}"
+            )
+    for b in cfg.baselines:
+        if b not in METHODS or not METHODS[b].targeted:
+            raise ValueError(f"lds-sweep baselines: {b!r} is not a targeted method ({', '.join(METHODS)})")
+    device = resolve_device(cfg.device)[0]
+    specs = [spec for spec, _, _ in run["tasks"].values()]
+    rows = []
+    for name, overrides in variants.items():
+        overrides = dict(overrides)
+        store = overrides.pop("features", "main")
+        if store not in features:
+            raise ValueError(f"variant {name!r}: features {store!r} not given (--features {store}=DIR)")
+        score_cfg = from_dict(ScoreConfig, overrides, prefix=f"variant {name}: ")
+        us, qs, _ = score_tasks_per_proxy(Path(features[store]), specs, score_cfg, device)
+        scores = ensemble(us, qs)
+        rows += _rows_for(name, scores, run, cfg.regime, store, overrides)
+        log(f"variant {name}: " + ", ".join(f"{r['target']} {r['lds']:+.3f}" for r in rows[-len(specs) :]))
+    pool = Pool(run["pool"])
+    for b in cfg.baselines:
+        per_task = np.stack(
+            [np.asarray(fit_and_score(make(b), pool, target_texts([load_task(s)]), 0)[0]) for s in specs], 1
+        )
+        rows += _rows_for(b, per_task.astype(np.float64), run, cfg.regime, "", {})
+        log(f"baseline {b}: " + ", ".join(f"{r['target']} {r['lds']:+.3f}" for r in rows[-len(specs) :]))
+    out_dir = Path(out_dir)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "sweep.csv", buf.getvalue())
+    plot(rows, out_dir / "sweep.png")
+    stage_cfg = {"lds": str(lds_dir), "features": features, "variants": variants, "sweep": vars(cfg)}
+    mark_done(out_dir, stage_cfg, started=started, stage="lds-sweep")
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Horizontal bars: LDS per variant, one panel per task; bars with p < 0.01 drawn solid. None without
+    matplotlib (the CSV is the result; the plot is a view of it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    tasks = list(dict.fromkeys(r["target"] for r in rows))
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 0.28 * len(names) + 1.2), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, task in zip(axes, tasks):
+        by = {r["variant"]: r for r in rows if r["target"] == task}
+        vals = [by[n]["lds"] if n in by else np.nan for n in names]
+        solid = [n in by and by[n]["p"] < 0.01 for n in names]
+        ax.barh(range(len(names)), vals, color=["C0" if s else "0.75" for s in solid])
+        ax.axvline(0, color="k", lw=0.6)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("LDS (Spearman)", fontsize=8)
+    axes[0].set_yticks(range(len(names)), names, fontsize=7)
+    axes[0].invert_yaxis()
+    fig.suptitle("LDS per estimator variant (solid: p < 0.01)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
