@@ -41,7 +41,16 @@ from typing import Any, Callable
 import numpy as np
 
 from dsdm import results, selections
-from dsdm.baselines import METHODS, RULES, fit_and_score, make, score_file_name, score_stage_name, target_texts
+from dsdm.baselines import (
+    METHODS,
+    RULES,
+    ExecutorConfig,
+    fit_and_score,
+    make,
+    score_file_name,
+    score_stage_name,
+    target_texts,
+)
 from dsdm.common import check_requirements, log, numpy_rng, progress, resolve_device
 from dsdm.config import from_dict, load_config, save_config, to_dict
 from dsdm.datamodel import ScoreConfig, score_targets, task_mix
@@ -168,6 +177,9 @@ class ExperimentConfig:
     """Proxy training settings (dsdm.proxies config: preset, num_proxies, subset fraction, train recipe)."""
     featurize: dict[str, Any] = field(default_factory=dict)
     """Featurizer settings (dsdm.featurize.FeaturizeConfig: proj_dim, projector, batch_size, ...)."""
+    baselines: dict[str, Any] = field(default_factory=dict)
+    """Where DSIR and classifier score the pool (dsdm.baselines.ExecutorConfig: executor, ray_address,
+    ray_worker_cpus, chunk_size); absent = local. Not part of any stage's key: the scores are the same."""
     score: dict[str, Any] = field(default_factory=dict)
     """DsDm scoring settings (dsdm.datamodel.ScoreConfig: ridge, use_q, ...)."""
     eval_model: dict[str, Any] = field(default_factory=dict)
@@ -541,7 +553,8 @@ class Context:
         started, d = time.time(), self._clean(name)
         est = make(method, self.cfg.method_options.get(method, {}))
         tasks = [self.tasks[s] for s in target.tasks] if target else []
-        s, info = fit_and_score(est, self.pool, target_texts(tasks), 0)
+        where = _stage_cfg(ExecutorConfig, self.cfg.baselines, "baselines")
+        s, info = fit_and_score(est, self.pool, target_texts(tasks), 0, where)
         save_npy(d / est.scores_file, np.asarray(s))
         write_json(d / "info.json", info)
         mark_done(
@@ -638,10 +651,11 @@ def requirements(cfg: ExperimentConfig) -> dict[str, str]:
 
 def check_stage_configs(cfg: ExperimentConfig) -> None:
     """Build every stage's own config dataclass from its mapping, so an unknown key or a wrong type in `proxy`,
-    `featurize`, `score` or `eval_model` fails before any work, naming the dotted key."""
+    `featurize`, `baselines`, `score` or `eval_model` fails before any work, naming the dotted key."""
     pcfg = _stage_cfg(ProxiesConfig, cfg.proxy, "proxy")
     trainers = {"proxy.train": _stage_cfg(TrainConfig, pcfg.train, "proxy.train")}
     _stage_cfg(FeaturizeConfig, cfg.featurize, "featurize", device=cfg.device)
+    _stage_cfg(ExecutorConfig, cfg.baselines, "baselines")
     _stage_cfg(ScoreConfig, cfg.score, "score")
     trainers["eval_model"] = _stage_cfg(TrainConfig, cfg.eval_model, "eval_model", tokens=cfg.budget.tokens)
     for key, tcfg in trainers.items():

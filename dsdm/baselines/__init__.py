@@ -19,6 +19,12 @@ A new method is one file and one line in METHODS.
 `run(...)` (`dsdm baseline`) is the one place here that touches disk: it streams the pool in chunks, writes the score
 vector and the selection through dsdm.selections (the one selection writer), then the stage record.
 
+Scale-out (ExecutorConfig, docs/baselines.md "Scale out"): the fit always runs here (it reads a sample); with
+executor=ray the fitted estimator and the pool's path (never the Pool: its memmaps would pickle every token) go to Ray
+actors, each transforming whole chunks, and the parts come back in row order to `finish` here: the chunks and the
+function applied to each are the local ones, so the scores are bitwise the local scores. DSIR and the classifier
+scale out; SemDeDup's embedding and k-means are not sharded yet and run here whatever the executor.
+
 Seeds: one --seed drives three independent numpy streams, (seed, 0) for the pool sample a method is fitted on,
 (seed, 1) for the random baseline's scores and (seed, 2) for the selection draw (Gumbel noise, Pareto draws,
 uniform draws from the SemDeDup kept set).
@@ -27,6 +33,7 @@ uniform draws from the SemDeDup kept set).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,7 @@ from dsdm.common import check_requirements, log, numpy_rng, progress
 from dsdm.config import from_dict, to_dict
 from dsdm.io import clear_done, is_done, mark_done, read_json, save_npy
 from dsdm.pool import Pool
+from dsdm.shards import plan_shards, ray_init, run_on_actors
 from dsdm.tasks import load_task
 
 METHODS: dict[str, type] = {
@@ -55,6 +63,33 @@ METHODS: dict[str, type] = {
 BASELINES = METHODS  # the name `dsdm baseline` and older code use
 
 CHUNK = 2048  # pool examples decoded / scored at a time
+RAY_METHODS = (DSIR, Classifier)  # whose chunks run on Ray with executor=ray; SemDeDup is not sharded yet (issue 16)
+
+
+@dataclass
+class ExecutorConfig:
+    """Where a baseline's pool pass runs: how, never what (no part of a stage's key: the scores are bitwise the same
+    under every setting here, tests/test_ray.py)."""
+
+    executor: str = "local"
+    """local (one process, progress in examples/s) | ray (a pool of Ray actors, each opening the pool from its path
+    once and transforming the chunks it is handed with the fitted estimator: bitwise the same scores). DSIR and the
+    classifier only; random and dsdm read no pool items, SemDeDup runs locally."""
+    ray_address: str | None = None
+    """executor=ray: None starts a local Ray cluster; 'auto' joins the cluster this machine is in (`ray start`);
+    'ray://HOST:PORT' a remote head."""
+    ray_worker_cpus: float = 1
+    """executor=ray: CPUs per actor (one actor per that many CPUs of the cluster)."""
+    chunk_size: int = CHUNK
+    """Pool examples decoded and scored per transform call: the unit of work handed to a Ray actor."""
+
+    def __post_init__(self):
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be local or ray, got {self.executor!r}")
+        if self.ray_worker_cpus <= 0:
+            raise ValueError(f"ray_worker_cpus must be positive, got {self.ray_worker_cpus}")
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
 
 
 def make(method: str, params: dict[str, Any] | None = None):
@@ -97,13 +132,12 @@ def encode_texts(pool, texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(e.ids, dtype=np.int64) for e in pool.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def _chunks(n: int, size: int = CHUNK):
-    for start in range(0, n, size):
-        yield np.arange(start, min(start + size, n), dtype=np.int64)
+def fit_and_score(
+    est, pool, targets: list[str], seed: int, where: ExecutorConfig | None = None
+) -> tuple[np.ndarray, dict]:
+    """Fit `est` and score every pool example. -> ((N,) scores or keep mask, info for selection.json).
 
-
-def fit_and_score(est, pool, targets: list[str], seed: int) -> tuple[np.ndarray, dict]:
-    """Fit `est` and score every pool example. -> ((N,) scores or keep mask, info for selection.json)."""
+    `where` (default: local) says where the chunks are transformed; the fit and `finish` always run here."""
 
     n, kind = len(pool), est.input
     if est.targeted and kind != "none" and not targets:
@@ -115,14 +149,50 @@ def fit_and_score(est, pool, targets: list[str], seed: int) -> tuple[np.ndarray,
     sample = np.sort(numpy_rng((seed, 0)).choice(n, size=sample_size, replace=False))
     fit_target = encode_texts(pool, targets) if kind == "tokens" else targets
     est.fit(fit_target, read_items(pool, sample, kind))
-    bar = progress(total=n, desc=f"{type(est).__name__.lower()} over pool", unit="ex")
-    parts = []
-    for idx in _chunks(n):
-        parts.append(est.transform(read_items(pool, idx, kind)))
-        bar.update(idx.shape[0])
-    bar.close()
+    where = where or ExecutorConfig()
+    chunks = plan_shards(n, where.chunk_size)
+    if where.executor == "ray" and isinstance(est, RAY_METHODS):
+        parts = _transform_on_ray(est, pool, chunks, where)
+    else:
+        if where.executor == "ray":
+            log(f"{type(est).__name__}: its pool pass is not sharded on Ray yet; running it in this process")
+        parts = []
+        with progress(total=n, desc=f"{type(est).__name__.lower()} over pool", unit="ex") as bar:
+            for start, stop in chunks:
+                parts.append(est.transform(read_items(pool, np.arange(start, stop, dtype=np.int64), kind)))
+                bar.update(stop - start)
     scores, info = est.finish(parts)
     return scores, {"fit_sample": int(sample_size), "num_targets": len(targets), **info}
+
+
+def _transform_on_ray(est, pool, chunks: list[tuple[int, int]], where: ExecutorConfig) -> list:
+    """est.transform of every chunk on Ray actors, in chunk order. The fitted estimator is put in the object store
+    once (every actor reads that copy); the pool travels as its path."""
+    ray = ray_init(where.ray_address)
+    try:
+        est_ref = ray.put(est)
+    except TypeError as e:  # e.g. a fastText model: a C++ object that does not pickle
+        why = str(e.__cause__ or e).splitlines()[0]  # Ray's own message repeats the whole estimator
+        raise ValueError(
+            f"{type(est).__name__}: the fitted estimator cannot be sent to Ray workers ({why}); "
+            "use executor=local for it"
+        ) from None
+    worker = dict(est=est_ref, pool_dir=str(Path(pool.path).resolve()), kind=est.input)
+    name = type(est).__name__.lower()
+    return run_on_actors(
+        ChunkWorker, worker, chunks, ray_address=where.ray_address, num_cpus=where.ray_worker_cpus, desc=name
+    )
+
+
+class ChunkWorker:
+    """A Ray actor of fit_and_score: opens the pool from its path once and returns est.transform of each chunk
+    [start, stop) it is handed (the same call on the same items as the local loop)."""
+
+    def __init__(self, est, pool_dir: str, kind: str):
+        self.est, self.pool, self.kind = est, Pool(pool_dir), kind
+
+    def run(self, start: int, stop: int):
+        return self.est.transform(read_items(self.pool, np.arange(start, stop, dtype=np.int64), self.kind))
 
 
 # -----------------------------------------------------------------------------
@@ -138,10 +208,12 @@ def run(
     seed: int = 0,
     params: dict[str, Any] | None = None,
     force: bool = False,
+    where: ExecutorConfig | None = None,
 ) -> dict:
     """Run one method on a pool and write scores.npy|keep.npy, indices.npy, selection.json, _done.json.
 
-    Returns the selection.json record. Re-running with the same settings does nothing (returns the stored record).
+    Returns the selection.json record. Re-running with the same settings does nothing (returns the stored record);
+    `where` (local or Ray) is not a setting of the result.
     """
 
     out_dir, started = Path(out_dir), time.time()
@@ -169,7 +241,7 @@ def run(
         return read_json(out_dir / "selection.json")
     clear_done(out_dir)
     log(f"{method}: pool {pool.path} ({len(pool)} examples), k={k}, seed={seed}, targets={[t.name for t in tasks]}")
-    scores, info = fit_and_score(est, pool, target_texts(tasks), seed)
+    scores, info = fit_and_score(est, pool, target_texts(tasks), seed, where)
     indices = np.sort(np.asarray(est.select(scores, k, numpy_rng((seed, 2))), dtype=np.int64))
     save_npy(out_dir / est.scores_file, np.asarray(scores, dtype=bool if est.scores_file == "keep.npy" else np.float32))
     record = selections.write(

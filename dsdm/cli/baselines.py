@@ -21,11 +21,14 @@ and _done.json. A finished --out with the same settings is left as is.
 
 Method settings go through --set key=value (e.g. --set num_buckets=5000 --set features=tokens for dsir,
 --set pareto_alpha=9 for classifier, --set target_keep_fraction=0.3 for semdedup); docs/baselines.md lists them.
+
+Scale out (docs/baselines.md "Scale out"): --executor ray [--ray-address auto|ray://HOST:PORT] scores the pool's
+chunks on Ray actors (dsir, classifier; the fit stays here), bitwise the scores of a local run.
 """
 
 
 def register(subparsers) -> None:
-    from dsdm.baselines import BASELINES
+    from dsdm.baselines import BASELINES, CHUNK
     from dsdm.cli import add_config_args
 
     p = subparsers.add_parser(
@@ -46,17 +49,27 @@ def register(subparsers) -> None:
     p.add_argument("--k", type=int, required=True, help="number of pool examples to select")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--executor", choices=["local", "ray"], default="local", help="local (default) | ray (dsir, classifier)"
+    )
+    p.add_argument(
+        "--ray-address", metavar="ADDR", help="executor=ray: auto | ray://HOST:PORT (default: a local cluster)"
+    )
+    p.add_argument("--ray-worker-cpus", type=float, default=1, metavar="C", help="executor=ray: CPUs per actor (1)")
+    p.add_argument("--chunk-size", type=int, default=CHUNK, metavar="N", help=f"examples per chunk ({CHUNK})")
     add_config_args(p)
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    from dsdm.baselines import run
+    from dsdm.baselines import ExecutorConfig, run
     from dsdm.config import apply_overrides, load_yaml
 
     params = load_yaml(args.config) if args.config else {}
     params = apply_overrides(params, args.overrides)
-    record = run(args.name, args.pool, args.k, args.out, args.target, seed=args.seed, params=params, force=args.force)
+    where = ExecutorConfig(args.executor, args.ray_address, args.ray_worker_cpus, args.chunk_size)
+    opts = dict(seed=args.seed, params=params, force=args.force, where=where)
+    record = run(args.name, args.pool, args.k, args.out, args.target, **opts)
     extra = ""
     if "kept_fraction" in record:
         extra = f", kept fraction {record['kept_fraction']:.3f} (eps {record['eps']:.4f})"
