@@ -110,8 +110,9 @@ def test_sign_planted_copies_of_the_target_rank_first():
         tscore = torch.zeros(1, T, dtype=torch.bool)
         tscore[0, T // 2 :] = True  # continuation = second half
         gbar = D.mean_target_features(sk, target.numpy(), tscore.numpy(), "cpu")
-        s = D.task_mix(D.ensemble([D.stream_scores(G, D.solve(G.T @ G, gbar[:, None], 1e-2))], [q]))
-        assert set(top_k(s, 4).tolist()) == set(planted), (projector, projection, top_k(s, 8), s[planted])
+        for ridge in (1e-2, D.ScoreConfig().ridge):  # the pre-sweep ridge and the default (docs/estimator.md)
+            s = D.task_mix(D.ensemble([D.stream_scores(G, D.solve(G.T @ G, gbar[:, None], ridge))], [q]))
+            assert set(top_k(s, 4).tolist()) == set(planted), (projector, projection, ridge, top_k(s, 8), s[planted])
 
 
 def test_scoring_projects_targets_with_the_stores_own_projection(tmp_path):
@@ -136,7 +137,7 @@ def test_scoring_projects_targets_with_the_stores_own_projection(tmp_path):
     manifest = json.loads((run / "features" / "manifest.json").read_text())
     assert manifest["featurize"]["dense_projection"] == "srht"
     task = str(tmp_path / "tasks" / "cooking")
-    us, _, _ = D.score_tasks_per_proxy(run / "features", [task], D.ScoreConfig(), "cpu")
+    us, _, _ = D.score_tasks_per_proxy(run / "features", [task], D.ScoreConfig(ridge=1e-2), "cpu")
 
     store = run / "features" / "proxy_0"
     pool = Pool(manifest["pool"])
@@ -171,14 +172,14 @@ def _blocks_case(seed=5):
 
 def test_kernel_term_default_is_traker_global_solve():
     G, gbar, layout = _blocks_case()
-    u = D.kernel_term(G, G.T @ G, gbar, D.ScoreConfig(), layout)
+    u = D.kernel_term(G, G.T @ G, gbar, D.ScoreConfig(ridge=1e-2), layout)
     np.testing.assert_allclose(u, G @ D.solve(G.T @ G, gbar, 1e-2), rtol=1e-12)
 
 
 def test_kernel_term_per_layer_is_block_diagonal_solve():
     """kernel=per_layer: each layer's columns solved against their own Gram block, each with its own relative ridge."""
     G, gbar, layout = _blocks_case()
-    u = D.kernel_term(G, G.T @ G, gbar, D.ScoreConfig(kernel="per_layer"), layout)
+    u = D.kernel_term(G, G.T @ G, gbar, D.ScoreConfig(kernel="per_layer", ridge=1e-2), layout)
     ref = sum(G[:, a:b] @ D.solve(G[:, a:b].T @ G[:, a:b], gbar[a:b], 1e-2) for _, a, b in layout)
     np.testing.assert_allclose(u, ref, rtol=1e-10)
     assert not np.allclose(u, G @ D.solve(G.T @ G, gbar, 1e-2))  # the cross-layer terms do matter here
@@ -188,7 +189,7 @@ def test_kernel_term_pool_normalization_and_dropped_layers():
     """normalize=pool: rows divided by their norm over the kept columns, Gram from those rows; exclude_layers drops
     the named blocks' columns on both sides (here the LM head)."""
     G, gbar, layout = _blocks_case()
-    cfg = D.ScoreConfig(normalize="pool", exclude_layers=["lm_head"], block=17)
+    cfg = D.ScoreConfig(normalize="pool", exclude_layers=["lm_head"], block=17, ridge=1e-2)
     u = D.kernel_term(G, G.T @ G, gbar, cfg, layout)
     Gk = G[:, :14] / np.linalg.norm(G[:, :14], axis=1, keepdims=True)
     np.testing.assert_allclose(u, Gk @ D.solve(Gk.T @ Gk, gbar[:14], 1e-2), rtol=1e-10)
