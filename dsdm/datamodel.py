@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
+
+from dsdm.shards import plan_shards, ray_init, run_on_actors
 
 
 def solve(gram: np.ndarray, gbar: np.ndarray, ridge: float) -> np.ndarray:
@@ -51,8 +54,9 @@ def stream_scores(features: np.ndarray, W: np.ndarray, block: int = 65536, devic
     n = features.shape[0]
     out = np.empty((n, W.shape[1]), dtype=np.float64)
     if device is None or torch.device(device).type == "cpu":
-        for start in range(0, n, block):
-            out[start : start + block] = np.asarray(features[start : start + block], dtype=np.float64) @ W
+        with threadpool_limits(1, user_api="blas"):  # see block_product: the bits must not depend on the core count
+            for start in range(0, n, block):
+                out[start : start + block] = block_product(features, W, start, start + block)
         return out
     from dsdm.train import prefetch
 
@@ -75,6 +79,48 @@ def stream_scores(features: np.ndarray, W: np.ndarray, block: int = 65536, devic
     for s0, host in pending:
         out[s0 : s0 + host.shape[0]] = host.numpy()
     return out
+
+
+def block_product(features: np.ndarray, W: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """features[start:stop] in float64 @ W, (stop - start, T): the one product of the CPU pool pass, local or on Ray.
+
+    Its float64 bits depend on more than the rows: OpenBLAS picks other kernels for a block's last rows (so the
+    same row differs in the last bit under another `block`) and for another thread count. Both executors therefore
+    cut the same blocks and call this under a 1-thread BLAS limit: bitwise the same scores on any core count (on
+    machines of one CPU type; another BLAS kernel may round differently)."""
+    return np.asarray(features[start:stop], dtype=np.float64) @ W
+
+
+def stream_scores_ray(features: np.memmap, W: np.ndarray, cfg) -> np.ndarray:
+    """stream_scores on Ray actors (ScoreConfig.executor=ray): the blocks of `cfg.block` rows of the local loop, each
+    handed to an actor that returns its block_product (rows, T) float64; the parts are placed back in row order.
+    Each actor memmaps the store from the memmap's path (the store must be on a filesystem the workers see); W
+    travels once through the object store.
+    features (N, k) np.memmap, W (k, T) -> (N, T), bitwise stream_scores(features, W, cfg.block) on CPU."""
+    path = getattr(features, "filename", None)
+    if path is None:
+        raise ValueError(
+            "score.executor=ray reads the feature store from its path: pass features as np.load(mmap_mode='r')"
+        )
+    ray = ray_init(cfg.ray_address)
+    worker = dict(path=str(path), W=ray.put(np.ascontiguousarray(W, dtype=np.float64)))
+    blocks = plan_shards(features.shape[0], cfg.block)
+    parts = run_on_actors(
+        RowBlockWorker, worker, blocks, ray_address=cfg.ray_address, num_cpus=cfg.ray_worker_cpus, desc="score blocks"
+    )
+    return np.concatenate(parts) if parts else np.empty((0, W.shape[1]))
+
+
+class RowBlockWorker:
+    """A Ray actor of stream_scores_ray: memmaps the features once and returns block_product of each row range
+    [start, stop) it is handed, with one BLAS thread (as the local loop)."""
+
+    def __init__(self, path: str, W: np.ndarray):
+        self.features, self.W = np.load(path, mmap_mode="r"), W
+        threadpool_limits(1, user_api="blas")  # this process only multiplies blocks: the limit stays for its life
+
+    def run(self, start: int, stop: int) -> np.ndarray:
+        return block_product(self.features, self.W, start, stop)
 
 
 def ensemble(us: list[np.ndarray], qs: list[np.ndarray]) -> np.ndarray:
@@ -158,7 +204,10 @@ def kernel_term(features, gram: np.ndarray, gbar: np.ndarray, cfg, layout, devic
         w_sub = solve(sub_gram, g, cfg.ridge)
     W = np.zeros((features.shape[1], g.shape[1]))
     W[columns] = w_sub
-    u = stream_scores(features, W, cfg.block, device)
+    if cfg.executor == "ray":  # the pool-sized product on Ray actors; everything above stays here
+        u = stream_scores_ray(features, W, cfg)
+    else:
+        u = stream_scores(features, W, cfg.block, device)
     return u if inv_norm is None else u * inv_norm[:, None]
 
 
@@ -189,6 +238,16 @@ class ScoreConfig:
     stores only (a dense store's columns mix all parameters)."""
     num_proxies: int = 0
     """Ensemble only the first m proxies of the store (0 = all): the ensemble-size ablation without re-featurizing."""
+    executor: str = "local"
+    """Where the pool pass u = G W runs (how, never what: no part of a stage's key): local (this process, on
+    `device`) | ray (Ray actors on CPUs, each memmapping the store from its path and multiplying the row blocks of
+    `block` rows it is handed, in numpy float64: bitwise the local CPU scores). Target gradients, the solve and, for
+    normalize=pool|both, the unit-norm Gram pass (a reduction) stay in this process."""
+    ray_address: str | None = None
+    """executor=ray: None starts a local Ray cluster; 'auto' joins the cluster this machine is in (`ray start`);
+    'ray://HOST:PORT' a remote head."""
+    ray_worker_cpus: float = 1
+    """executor=ray: CPUs per actor (one actor per that many CPUs of the cluster)."""
     tasks: list[str] = field(default_factory=list)
     """Task specs (dirs or JSONL, see dsdm.tasks); filled from --target."""
 
@@ -203,6 +262,14 @@ class ScoreConfig:
             raise ValueError(f"score.num_proxies must be >= 0 (0 = all), got {self.num_proxies}")
         if self.block <= 0:
             raise ValueError(f"block must be positive, got {self.block}")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"score.executor must be local or ray, got {self.executor!r}")
+        if self.ray_worker_cpus <= 0:
+            raise ValueError(f"score.ray_worker_cpus must be positive, got {self.ray_worker_cpus}")
+
+
+# Where the scoring runs, not what it computes: left out of the score file's recorded settings (bitwise the same).
+WHERE_NOT_WHAT = ("executor", "ray_address", "ray_worker_cpus")
 
 
 def load_features(features_dir: Path, device=None) -> tuple[dict, list[Path]]:
@@ -318,7 +385,7 @@ def run(features_dir: str | Path, task_specs: list[str], out: str | Path, cfg: S
             "features": str(features_dir),
             "pool": manifest["pool"],
             "pool_fingerprint": manifest["pool_fingerprint"],
-            "config": {k: v for k, v in vars(cfg).items() if k != "tasks"},
+            "config": {k: v for k, v in vars(cfg).items() if k != "tasks" and k not in WHERE_NOT_WHAT},
             **provenance(),  # no wall time here: artifacts are byte-identical across re-runs (it is in _done.json)
         },
     )

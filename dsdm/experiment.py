@@ -337,10 +337,10 @@ def plan_stages(cfg: ExperimentConfig, ctx: "Context", cells: list[Cell]) -> lis
     pool_input = ["pool"]  # the run's pool stage, or the key of the existing pool at pool.path
     ref = {"eval": {"max_examples": cfg.eval.max_examples}, "eval_tasks": ctx.task_hashes(ctx.eval_specs)}
     stages.append(Stage("references", ref, pool_input, ctx.references))
+    where = ("device", "executor", "ray_address", "ray_worker_cpus")  # where the work runs, not what it computes
     needs_features = any(METHODS[m].estimator_scores for m in cfg.methods)
     if needs_features:
         stages.append(Stage("proxies", {"proxy": cfg.proxy}, pool_input, ctx.train_proxies))
-        where = ("device", "executor", "ray_address", "ray_worker_cpus")  # where the work runs, not what it computes
         feat = {k: v for k, v in cfg.featurize.items() if k not in where}
         stages.append(Stage("features", {"featurize": feat}, pool_input + ["proxies"], ctx.featurize))
     score_stages: dict[str, Stage] = {}
@@ -354,7 +354,8 @@ def plan_stages(cfg: ExperimentConfig, ctx: "Context", cells: list[Cell]) -> lis
                 continue
             if cls.estimator_scores:  # one stage for every target: one pass over the feature store
                 targets = {t.name: ctx.task_hashes(t.tasks) for t in cfg.targets}
-                slice_ = {"score": {k: v for k, v in cfg.score.items() if k != "tasks"}, "targets": targets}
+                score = {k: v for k, v in cfg.score.items() if k != "tasks" and k not in where}
+                slice_ = {"score": score, "targets": targets}
                 st = Stage(name, slice_, ["features"], functools.partial(ctx.estimator_scores, name))
             else:
                 tasks = ctx.task_hashes(target.tasks if target else [])

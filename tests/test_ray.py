@@ -289,3 +289,111 @@ def test_experiment_baselines_executor_ray(micro, cluster, tmp_path):
     bad = load_experiment(micro_yaml, ["baselines.executr=ray"], base_dir=root)
     with pytest.raises(ValueError, match="baselines.executr"):
         check_stage_configs(bad)
+
+
+# -----------------------------------------------------------------------------
+# DsDm scoring: the pool product u = G W, all targets in one pass, over row blocks on Ray actors
+
+
+def test_score_product_does_not_depend_on_the_blas_thread_count():
+    """The CPU pool product runs under a 1-thread BLAS limit: a 2-thread limit outside gives the same bits. Without
+    it, OpenBLAS rounds this product differently with 1 and 2 threads (and a block's last rows differently from the
+    same rows inside a block), so Ray actors could not reproduce a local run on another core count."""
+    from threadpoolctl import threadpool_limits
+
+    from dsdm.datamodel import stream_scores
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((20003, 500)).astype(np.float32)
+    W = rng.standard_normal((500, 3))
+    with threadpool_limits(1, user_api="blas"):
+        one = stream_scores(features, W, block=8192)
+    with threadpool_limits(2, user_api="blas"):
+        two = stream_scores(features, W, block=8192)
+    assert one.tobytes() == two.tobytes()
+    assert np.allclose(one, features.astype(np.float64) @ W, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def scored(micro):
+    """2 proxies (10 steps each) and their factorized feature store of the micro pool, through the CLI, and the
+    `dsdm score` arguments for two targets (cooking, sports) scored in one pass."""
+    from dsdm.cli import main
+
+    root, _ = micro
+    pool, run = root / "pool", root / "dsdm"
+    train = ["--set", "train.preset=micro", "--set", "train.steps=10", "--set", "train.batch_size=16"]
+    assert main(["proxies", "train", "--pool", str(pool), "--out", str(run / "proxies"), "--n", "2"] + train) == 0
+    feat = ["featurize", "--pool", str(pool), "--proxies", str(run / "proxies"), "--out", str(run / "features")]
+    assert main(feat + ["--proj-dim", "64", "--set", "batch_size=32"]) == 0
+    tasks = [str(root / "tasks" / t) for t in ("cooking", "sports")]
+    return run, ["score", "--features", str(run / "features"), "--target", *tasks, "--device", "cpu"]
+
+
+@needs_ray
+@pytest.mark.parametrize("variant", [[], ["--set", "normalize=both", "--set", "kernel=per_layer"]])
+def test_ray_score_from_the_cli_is_bitwise_the_local_scores(scored, cluster, tmp_path, variant):
+    """`dsdm score --set executor=ray --set ray_address=auto` joins the running cluster: the 240 rows in blocks of 37
+    (7 row ranges on 2 actors) give the local run's score file, per-task scores and sidecar, bitwise. With
+    normalize=both the unit-norm Gram pass stays in the driver; only the product runs on Ray."""
+    run, args = scored
+    sets = ["--set", "block=37", *variant]
+    local = dsdm(*args, "--out", str(tmp_path / "local.npy"), *sets)
+    assert local.wait(timeout=300) == 0, local.stderr.read()
+    job = dsdm(*args, "--out", str(tmp_path / "ray.npy"), *sets, "--set", "executor=ray", "--set", "ray_address=auto")
+    assert job.wait(timeout=300) == 0, job.stderr.read()
+    assert "[dsdm] ray:" in job.stderr.read()  # it joined the cluster (the local run never imports Ray)
+    for suffix in (".npy", ".tasks.npy"):
+        a, b = np.load(tmp_path / f"local{suffix}"), np.load(tmp_path / f"ray{suffix}")
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), suffix
+    assert np.load(tmp_path / "ray.tasks.npy").shape == (240, 2) and np.unique(np.load(tmp_path / "ray.npy")).size > 100
+    sidecars = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "ray")]
+    assert sidecars[0] == sidecars[1] and "executor" not in sidecars[1]["config"]
+
+
+@needs_ray
+def test_stream_scores_ray_is_the_local_loop_and_refuses_an_in_memory_array(scored, cluster):
+    """Row ranges of 37 and of 1 (a block per row: each actor call is a 1-row product, the local loop's too)."""
+    from dsdm.datamodel import ScoreConfig, stream_scores, stream_scores_ray
+
+    run, _ = scored
+    features = np.load(run / "features" / "proxy_0" / "features.npy", mmap_mode="r")
+    W = np.random.default_rng(1).standard_normal((features.shape[1], 3))
+    for block in (37, 1):
+        got = stream_scores_ray(features, W, ScoreConfig(executor="ray", block=block))
+        assert got.tobytes() == stream_scores(features, W, block).tobytes(), block
+    with pytest.raises(ValueError, match="reads the feature store from its path"):
+        stream_scores_ray(np.asarray(features), W, ScoreConfig(executor="ray"))
+    with pytest.raises(ValueError, match="score.executor must be local or ray"):
+        ScoreConfig(executor="spark")
+
+
+@needs_ray
+def test_experiment_score_executor_ray_keeps_the_stage_key(micro, scored, cluster, tmp_path):
+    """`score: {executor: ray, ray_address: auto, ray_worker_cpus: 1}` in an experiment config: the scores/dsdm stage
+    key is the local one (a finished run does not go stale), and the stage's files are bitwise the local stage's."""
+    from dsdm.experiment import REPO_ROOT, Context, check_stage_configs, load_experiment, plan
+
+    root, _ = micro
+    run, _ = scored
+    micro_yaml = REPO_ROOT / "configs" / "micro.yaml"
+    ray_sets = ["score.executor=ray", "score.ray_address=auto", "score.ray_worker_cpus=1"]
+    keys, outs = [], []
+    for name, sets in (("local", []), ("ray", ray_sets)):
+        cfg = load_experiment(micro_yaml, ["score.block=37", *sets], base_dir=root)
+        check_stage_configs(cfg)
+        out = tmp_path / name
+        out.mkdir()
+        (out / "features").symlink_to(run / "features")
+        ctx = Context(cfg, out)
+        keys.append(plan(ctx)[2]["scores/dsdm"])
+        ctx.estimator_scores("scores/dsdm", redo=False)
+        outs.append(out / "scores" / "dsdm")
+    assert keys[0] == keys[1]
+    for target in ("cooking", "mix"):
+        for suffix in (".npy", ".tasks.npy"):
+            a, b = (np.load(d / f"{target}{suffix}") for d in outs)
+            assert a.tobytes() == b.tobytes(), target + suffix
+    bad = load_experiment(micro_yaml, ["score.executor=spark"], base_dir=root)
+    with pytest.raises(ValueError, match="score.executor must be local or ray"):
+        check_stage_configs(bad)
