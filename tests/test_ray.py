@@ -1,6 +1,7 @@
 """Scale-out of featurize: Ray actors on a local cluster (ray.init(num_cpus=2)), SLURM-style slices of one store in
 separate processes + --finalize, the store lock and sparse store files. Every scaled-out store must equal the local
-executor's, bitwise; so must DSIR and classifier scores computed chunk by chunk on Ray actors. The Ray tests skip
+executor's, bitwise; so must DSIR and classifier scores computed chunk by chunk on Ray actors, and DsDm scores whose
+pool product runs block by block on Ray actors (`dsdm score`, experiment `score: {executor: ray}`). The Ray tests skip
 when Ray is not installed (pip install 'dsdm[ray]'; `make test` installs it).
 Run:
     .venv/bin/python -m pytest -q tests/test_ray.py
