@@ -1,31 +1,80 @@
 """dsdm plan: what an experiment config will cost before any work runs, per stage: FLOPs, time on the named
 hardware, disk, peak RAM / GPU memory, and warnings naming the knob that fixes them (issue 16, item 4).
 
-Times come from one small table of throughputs. The CPU rows are measured (docs/benchmarks.md "Featurize": a
-5.29M-parameter GPT, T = 128, 2 threads, quiet 2-core machine: a training step 24.88 examples/s, the factorized
-sketch 30.62 examples/s; "Pool build": ~267k tokens/s). No GPU throughput has been measured yet (docs/benchmarks.md
-"GPU": not run), so the GPU rows are the vendor's dense bf16 peak times an assumed 35% utilization, and say so.
-Disk sizes follow the file formats exactly (features N x dim x 2|4 bytes, one float64 Gram per shard, ...).
+CPU times come from a cost model calibrated on measured runs, not from FLOPs alone: at this project's sizes a micro
+step is mostly fixed overhead and the LM head's softmax over V, and featurizing an example costs a fixed few ms on
+top of a fraction of a training step. A training token costs
+
+    t = STEP_OVERHEAD + body FLOPs / BODY_RATE + head FLOPs / HEAD_RATE
+
+with body = 6 (12 L d^2 + L T d) (the blocks and attention) and head = 6 V d (the tied LM head, whose (B, T, V)
+logits and softmax run at under half the body's FLOP rate), least-squares fitted (relative error) to the 11 measured
+throughputs in CPU_TRAIN_MEASURED (micro to a 5.29M-parameter GPT, V = 512 to 8,192; every one within 0.8-1.35x of
+the fit). A featurized pool example costs FEAT_OVERHEAD + FEAT_STEPS x (one example's training step), solved through
+the two measured featurize rates in CPU_FEATURIZE_MEASURED; scoring, evaluation and the baselines are calibrated on
+the demo run's stage records (DEMO_*). Every constant names its source in docs/benchmarks.md. No GPU throughput has
+been measured yet (docs/benchmarks.md "GPU": not run), so GPU times are FLOPs over the vendor's dense bf16 peak times
+an assumed 35% utilization, and say so. Disk sizes follow the file formats (features N x dim x 2|4 bytes, one
+float64 Gram per shard, ...), each file rounded up to a 4 KiB block. Plan against measured runs: docs/benchmarks.md
+"`dsdm plan` against measured runs".
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-# name -> (training/featurize FLOP/s, memory bytes, where the number comes from). FLOP/s = 6 * params * tokens / s.
-_CPU_TRAIN = 6 * 5.29e6 * 128 * 24.88  # 1.01e11: docs/benchmarks.md "Featurize", arm train, k = 4096
-_CPU_FEATURIZE = 6 * 5.29e6 * 128 * 30.62  # 1.24e11: docs/benchmarks.md "Featurize", arm factorized, k = 4096
-HARDWARE = {
-    "cpu": (_CPU_TRAIN, _CPU_FEATURIZE, None, "measured (docs/benchmarks.md Featurize, 2 CPU cores)"),
-    "a100": (312e12 * 0.35, 312e12 * 0.35, 80e9, "assumed: 35% of the bf16 peak (no GPU measurement yet)"),
-    "h200": (989e12 * 0.35, 989e12 * 0.35, 141e9, "assumed: 35% of the bf16 peak (no GPU measurement yet)"),
-}
-TOKENIZE_PER_S = 267_653  # tokens/s of a pool build, docs/benchmarks.md "Pool build" (200 MB, 1 worker)
+import numpy as np
+
+# A training step on 2 quiet CPU threads, float32, batch x T = 2,048 tokens: (preset, shape overrides, V, T, tokens/s).
+CPU_TRAIN_MEASURED = [
+    # docs/benchmarks.md "Learning regime", quiet throughput (dsdm.train.train for ~10 s per configuration)
+    ("nano", {}, 512, 128, 62_790),
+    ("nano", {}, 1024, 128, 54_455),
+    ("nano", {}, 2048, 128, 38_080),
+    ("nano", {}, 4096, 128, 19_084),
+    ("micro", {}, 512, 128, 136_714),
+    ("micro", {}, 1024, 128, 114_579),
+    ("tiny", {}, 512, 128, 17_600),
+    ("tiny", {}, 1024, 128, 15_088),
+    ("mini", {}, 1024, 128, 9_672),
+    ("nano", {}, 512, 256, 54_564),
+    # docs/benchmarks.md "Featurize", arm train: 4 layers, d_model 256, V = 8,192, 24.88 examples/s of 128 tokens
+    ("tiny", {"d_model": 256}, 8192, 128, 24.88 * 128),
+]
+# The factorized featurizer per pool example on the same cores: (preset, overrides, V, T, examples/s per proxy).
+CPU_FEATURIZE_MEASURED = [
+    ("tiny", {"d_model": 256}, 8192, 128, 30.62),  # docs/benchmarks.md "Featurize", arm factorized, k = 4096
+    ("micro", {}, 512, 128, 270.0),  # docs/benchmarks.md "Learning regime", the demo: k = 256, ~270 examples/s
+]
+# Dense projectors, docs/benchmarks.md "Featurize" (p = 5.29M, k = 4096, batch 16): exact per-example gradients take
+# 1.20 s per batch (vs 16 / 24.88 s for a training step), the i.i.d. ±1 matrix regenerated per batch the rest of
+# 62.25 s (linear in p x k: that section's fit), the SRHT the rest of 2.60 s (p padded to 2^23, O(p log p)).
+DENSE_GRAD_STEPS = 1.20 / (16 / 24.88)
+DENSE_IID_S = (62.25 - 1.20) / (5.29e6 * 4096)  # s per batch per p x k
+DENSE_SRHT_S = (2.60 - 1.20) / 16 / (2**23 * 23)  # s per example per p_pad log2(p_pad)
+# The demo run's stage records (docs/benchmarks.md "`dsdm plan` against measured runs": micro proxies, nano models,
+# V = 512, T = 128, 20,348 pool examples, 2 quiet cores), each taken relative to the cost model above.
+DEMO_SCORE = (4.552, 2 * 2419)  # scores/dsdm_mix: s; proxy x target examples (short: context + continuation)
+DEMO_EVAL = (4.367, 1743)  # eval/*: s per model (mean of 16); holdout examples per model (6 tasks, <= 300 each)
+DEMO_BASELINES = {"semdedup": 29.544, "dsir": 2.700, "classifier": 4.933}  # scores/<method>_*: s for one target
+DEMO_TOKENS = 20348 * 128
+# Pool build, tokens/s: V = 512 on the demo documents (the demo's pool record, 2.60M tokens in 5.13 s) and V = 8,192
+# on 200 MB of pseudo-words (docs/benchmarks.md "Pool build", 1 worker); log-linear in V between them.
+TOKENIZE_PER_S = {512: 2_604_544 / 5.131, 8192: 267_653}
 READ_BYTES_PER_S = 1e9  # assumed sequential read of a feature store while scoring (not yet benchmarked)
 BASE_RSS = 250 << 20  # Python + torch + dsdm before any work: docs/benchmarks.md "Featurize" (~250 MiB)
+BLOCK = 4096  # file system block: every small file (records, configs, tokenizers) takes at least one
+GPU_HARDWARE = {  # name -> (assumed FLOP/s, memory bytes)
+    "a100": (312e12 * 0.35, 80e9),
+    "h200": (989e12 * 0.35, 141e9),
+}
+HARDWARE = ["cpu", *GPU_HARDWARE]
+GPU_NOTE = "assumed: 35% of the bf16 peak (no GPU measurement yet)"
+CPU_NOTE = "cost model fitted to measured throughputs (docs/benchmarks.md, 2 CPU cores)"
 
 
 @dataclass
@@ -41,13 +90,104 @@ class StagePlan:
     """Peak GPU memory, bytes (0 on cpu)."""
 
 
-def _params(preset: str, vocab: int, seq_len: int) -> int:
+@functools.cache
+def _shape(preset: str, vocab: int, seq_len: int, d_model: int = 0) -> tuple[int, int, int]:
+    """(n_layer, d_model, distinct parameters) of a preset built on the meta device: shapes only, nothing allocated."""
     import torch
 
     from dsdm.model import build_model, num_params
 
-    with torch.device("meta"):  # shapes only: nothing allocated
-        return num_params(build_model(preset, vocab_size=vocab, seq_len=seq_len))
+    with torch.device("meta"):
+        model = build_model(preset, vocab_size=vocab, seq_len=seq_len, **({"d_model": d_model} if d_model else {}))
+    return model.config.n_layer, model.config.d_model, num_params(model)
+
+
+def flops_per_token(n_layer: int, d: int, vocab: int, seq_len: int) -> tuple[float, float]:
+    """Training FLOPs per token, forward + backward (Kaplan et al. 2020's 6N + attention): (body, LM head)."""
+    return 6.0 * (12 * n_layer * d * d + n_layer * seq_len * d), 6.0 * vocab * d
+
+
+def _train_s(m: dict, preset: str, vocab: int, seq_len: int, d_model: int = 0) -> float:
+    """CPU seconds per training token under the cost model m."""
+    body, head = flops_per_token(*_shape(preset, vocab, seq_len, d_model)[:2], vocab, seq_len)
+    return m["overhead"] + body / m["body_rate"] + head / m["head_rate"]
+
+
+def _feat_s(m: dict, preset: str, vocab: int, seq_len: int, d_model: int = 0, fcfg=None) -> float:
+    """CPU seconds to featurize one pool example through one proxy."""
+    step = seq_len * _train_s(m, preset, vocab, seq_len, d_model)
+    if fcfg is None or fcfg.projector == "factorized":
+        return m["feat_overhead"] + m["feat_steps"] * step
+    p = _shape(preset, vocab, seq_len, d_model)[2]
+    if fcfg.dense_projection == "srht":
+        p_pad = 2 ** math.ceil(math.log2(p))
+        return DENSE_GRAD_STEPS * step + DENSE_SRHT_S * p_pad * math.log2(p_pad)
+    return DENSE_GRAD_STEPS * step + DENSE_IID_S * p * fcfg.proj_dim / fcfg.batch_size
+
+
+@functools.cache
+def cpu_model() -> dict:
+    """The CPU cost model's constants, fitted and solved from the measured rows above (see the module docstring)."""
+    rows, y = [], []
+    for preset, over, vocab, seq_len, rate in CPU_TRAIN_MEASURED:
+        body, head = flops_per_token(*_shape(preset, vocab, seq_len, **over)[:2], vocab, seq_len)
+        rows.append([1.0, body, head])
+        y.append(1.0 / rate)
+    A, y = np.array(rows), np.array(y)
+    c = np.linalg.lstsq(A / y[:, None], np.ones(len(y)), rcond=None)[0]  # relative error: every row weighs alike
+    m = {"overhead": c[0], "body_rate": 1 / c[1], "head_rate": 1 / c[2]}
+    (x1, y1), (x2, y2) = (
+        (seq_len * _train_s(m, preset, vocab, seq_len, **over), 1.0 / rate)
+        for preset, over, vocab, seq_len, rate in CPU_FEATURIZE_MEASURED
+    )
+    m["feat_steps"] = (y1 - y2) / (x1 - x2)
+    m["feat_overhead"] = y1 - m["feat_steps"] * x1
+    m["score_fraction"] = DEMO_SCORE[0] / DEMO_SCORE[1] / _feat_s(m, "micro", 512, 128)  # of a pool example
+    m["eval_tokens"] = DEMO_EVAL[0] / DEMO_EVAL[1] / _train_s(m, "nano", 512, 128)  # training tokens per example
+    m["baseline_s"] = {k: s / DEMO_TOKENS for k, s in DEMO_BASELINES.items()}  # per pool token and target
+    return m
+
+
+def _files(*sizes: int) -> int:
+    """Bytes on disk of files of these sizes, each rounded up to whole blocks."""
+    return sum(max(1, math.ceil(s / BLOCK)) * BLOCK for s in sizes)
+
+
+def _model_dir(params: int, vocab: int) -> int:
+    """A saved model: float32 safetensors, tokenizer.json (16-27 bytes per vocabulary entry), and five small files
+    (config.json, curve.csv, train.json, tokenizer_config.json, the stage record)."""
+    return _files(4 * params + 1024, 24 * vocab) + 5 * BLOCK
+
+
+def _tokenize_per_s(vocab: int) -> float:
+    (v1, r1), (v2, r2) = sorted(TOKENIZE_PER_S.items())
+    x = min(1.0, max(0.0, math.log(vocab / v1) / math.log(v2 / v1)))
+    return r1 * (r2 / r1) ** x
+
+
+def _task_rows(spec: str, split: str) -> int | None:
+    """Rows of a task's split, or None when the task cannot be read here."""
+    from dsdm.tasks import load_task
+
+    try:
+        return len(getattr(load_task(spec), split))
+    except (OSError, ValueError):
+        return None
+
+
+def _feature_dim(preset: str, vocab: int, seq_len: int, fcfg) -> int:
+    """The stored feature dim: k for the dense projectors, sum k_o k_i <= k for the factorized one (split_dims)."""
+    if fcfg.projector != "factorized":
+        return fcfg.proj_dim
+    import torch
+
+    from dsdm.model import build_model
+    from dsdm.sketch import split_dims
+
+    with torch.device("meta"):
+        model = build_model(preset, vocab_size=vocab, seq_len=seq_len)
+    linears = [(n, x) for n, x in model.named_modules() if isinstance(x, torch.nn.Linear)]
+    return sum(ko * ki for ko, ki in split_dims(linears, fcfg.proj_dim))
 
 
 def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: str = "cpu"):
@@ -56,60 +196,107 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
     from dsdm.experiment import plan_cells
     from dsdm.featurize import FeaturizeConfig
     from dsdm.proxies import ProxiesConfig
-    from dsdm.train import TrainConfig
+    from dsdm.train import TrainConfig, num_steps
 
     if gpu not in HARDWARE:
         raise ValueError(f"--gpu must be one of {', '.join(HARDWARE)}, got {gpu!r}")
-    train_rate, feat_rate, gpu_mem = HARDWARE[gpu][0] * gpus, HARDWARE[gpu][1] * gpus, HARDWARE[gpu][2]
+    gpu_rate, gpu_mem = GPU_HARDWARE.get(gpu, (0.0, 0))
+    m = cpu_model()
+
+    def seconds(flops: float, cpu_s: float) -> float:  # GPU: FLOPs at the assumed rate; CPU: the cost model
+        return flops / (gpu_rate * gpus) if gpu_rate else cpu_s / gpus
+
     N, L = pool_examples, seq_len
-    token_bytes = 2 if vocab <= 65536 else 4
-    out = [StagePlan("pool", 0, N * L / TOKENIZE_PER_S, N * L * token_bytes + 8 * (N + 1) + 48 * N, 400 << 20)]
     warnings: list[str] = []
-    needs_proxies = any(m in cfg.methods for m in ("dsdm", "dsdm-inverse"))
-    if needs_proxies:
+    unread: list[str] = []
+
+    def task_rows(spec: str, split: str, default: int) -> int:
+        n = _task_rows(spec, split)
+        if n is None:
+            unread.append(spec)
+        return default if n is None else n
+
+    token_bytes = 2 if vocab <= 65536 else 4
+    # tokens, offsets, meta.parquet (~27 bytes per example on the demo pools), tokenizer, pool.json, config, record
+    pool_disk = _files(N * L * token_bytes, 8 * (N + 1) + 128, 27 * N, 24 * vocab) + 3 * BLOCK
+    out = [StagePlan("pool", 0, N * L / _tokenize_per_s(vocab), pool_disk, 400 << 20)]
+    if any(x in cfg.methods for x in ("dsdm", "dsdm-inverse")):
         pcfg = from_dict(ProxiesConfig, cfg.proxy, prefix="proxy.")
         tcfg = from_dict(TrainConfig, {k: v for k, v in pcfg.train.items() if k != "seed"}, prefix="proxy.train.")
-        P = _params(tcfg.preset, vocab, L)
-        per_proxy = tcfg.tokens or (tcfg.steps * tcfg.batch_size * L) or int(pcfg.fraction * N) * L
-        flops = 6 * P * per_proxy * pcfg.n
+        n_layer, d, P = _shape(tcfg.preset, vocab, L)
+        body, head = flops_per_token(n_layer, d, vocab, L)
+        subset = int(pcfg.fraction * N)
+        tokens = pcfg.n * num_steps(tcfg, L, subset) * tcfg.batch_size * L
+        flops = (body + head) * tokens
         state = 16 * P  # weights, gradients, AdamW m and v in float32
-        kept = 4 * P + 8 * int(pcfg.fraction * N)  # float32 weights and the int64 subset (no optimizer state kept)
-        out.append(
-            StagePlan("proxies", flops, flops / train_rate, pcfg.n * kept, BASE_RSS + state, state * bool(gpu_mem))
-        )
+        disk = pcfg.n * (_model_dir(P, vocab) + _files(8 * subset + 128)) + 2 * BLOCK  # + the int64 subsets
+        cpu_s = tokens * _train_s(m, tcfg.preset, vocab, L)
+        out.append(StagePlan("proxies", flops, seconds(flops, cpu_s), disk, BASE_RSS + state, state * bool(gpu_mem)))
+
         fcfg = from_dict(FeaturizeConfig, cfg.featurize, prefix="featurize.")
-        dim, b = fcfg.proj_dim, 2 if fcfg.storage_dtype == "float16" else 4
+        dim, b = _feature_dim(tcfg.preset, vocab, L, fcfg), 2 if fcfg.storage_dtype == "float16" else 4
         shards = math.ceil(N / fcfg.shard_size)
-        gram_disk = (shards + 1) * dim * dim * 8
-        store = N * dim * b + 5 * N + gram_disk
-        flops = 6 * P * L * N * pcfg.n
+        gram = dim * dim * 8 + 128
+        # features, gram, q, done mask, manifest, record; one float64 Gram partial per shard
+        store = _files(N * dim * b + 128, gram, 4 * N + 128, N + 128) + 2 * BLOCK + shards * _files(gram)
+        per_example = L * (4 / 6) * (body + head) + 2 * L * dim  # forward, backward to the activations, sketch
+        flops = per_example * N * pcfg.n
         work = 2 * dim * dim * 8 + 16 * P  # the shard's Gram and the running total, float64; the proxy
         ram = BASE_RSS + work
-        out.append(StagePlan("features", flops, flops / feat_rate, pcfg.n * store, ram, work * bool(gpu_mem)))
-        if gram_disk > N * dim * b:
+        cpu_s = N * pcfg.n * _feat_s(m, tcfg.preset, vocab, L, fcfg=fcfg)
+        disk = pcfg.n * store + 2 * BLOCK
+        out.append(StagePlan("features", flops, seconds(flops, cpu_s), disk, ram, work * bool(gpu_mem)))
+        if shards * gram > N * dim * b:
             warnings.append(
-                f"features: the per-shard Gram files ({_gb(pcfg.n * gram_disk)}) outweigh the features; raise "
+                f"features: the per-shard Gram files ({_gb(pcfg.n * shards * gram)}) outweigh the features; raise "
                 f"featurize.shard_size (now {fcfg.shard_size}) or lower featurize.proj_dim (now {dim})"
             )
-        targets = max(1, len(cfg.targets))
-        read = pcfg.n * N * dim * b  # one pass over each store for all targets (datamodel.score_targets)
-        out.append(StagePlan("scores", 2 * N * dim * pcfg.n * targets, read / READ_BYTES_PER_S, 8 * N * targets, ram))
+        # one pass over each store for all targets (datamodel.score_targets), after every target task's examples
+        # went through every proxy (short examples: score_fraction of a pool example each)
+        targets = sum(task_rows(s, "target", 1000) for t in cfg.targets for s in t.tasks)
+        read = pcfg.n * N * dim * b
+        cpu_s = read / READ_BYTES_PER_S + pcfg.n * targets * m["score_fraction"] * _feat_s(m, tcfg.preset, vocab, L)
+        flops = 2 * N * dim * pcfg.n * len(cfg.targets) + pcfg.n * targets * per_example
+        disk = sum(_files(4 * N + 128, 4 * N * len(t.tasks) + 128) for t in cfg.targets) + 2 * BLOCK
+        out.append(StagePlan("scores", flops, seconds(flops, cpu_s), disk, ram))
+    base = [(x, n) for x, n in (("dsir", len(cfg.targets)), ("classifier", len(cfg.targets)), ("semdedup", 1))
+            if x in cfg.methods]  # fmt: skip
+    if base:  # on the CPU whatever the hardware: hashed n-gram features, a linear model, k-means
+        cpu_s = sum(N * L * n * m["baseline_s"][x] for x, n in base)
+        disk = sum(n * (_files(N + 128 if x == "semdedup" else 8 * N + 128) + 2 * BLOCK) for x, n in base)
+        out.append(StagePlan("baselines", 0, cpu_s, disk, BASE_RSS + 64 * N))
+
     ecfg = from_dict(
         TrainConfig, {k: v for k, v in cfg.eval_model.items() if k not in ("seed", "tokens")}, "eval_model."
     )
-    Pe = _params(ecfg.preset, vocab, L)
+    n_layer, d, Pe = _shape(ecfg.preset, vocab, L)
+    body, head = flops_per_token(n_layer, d, vocab, L)
     cells = plan_cells(cfg, L, N)
-    flops = sum(6 * Pe * c.tokens for c in cells)
-    out.append(
-        StagePlan("models", flops, flops / train_rate, len(cells) * 4 * Pe, BASE_RSS + 16 * Pe, 16 * Pe * bool(gpu_mem))
-    )
+    tokens = sum(math.ceil(c.tokens / (ecfg.batch_size * L)) * ecfg.batch_size * L for c in cells)
+    flops = (body + head) * tokens
+    selections = {c.selection: c.k for c in cells}  # int64 indices, selection.json, record
+    disk = len(cells) * _model_dir(Pe, vocab) + sum(_files(8 * k + 128) + 2 * BLOCK for k in selections.values())
+    cpu_s = tokens * _train_s(m, ecfg.preset, vocab, L)
+    out.append(StagePlan("models", flops, seconds(flops, cpu_s), disk, BASE_RSS + 16 * Pe, 16 * Pe * bool(gpu_mem)))
+    specs = list(dict.fromkeys([s for t in cfg.targets for s in t.tasks] + list(cfg.unseen)))
+    cap = cfg.eval.max_examples or None
+    examples = sum(min(cap or math.inf, task_rows(s, "holdout", cap or 1000)) for s in specs)
+    flops = len(cells) * examples * m["eval_tokens"] * (body + head)
+    cpu_s = len(cells) * examples * m["eval_tokens"] * _train_s(m, ecfg.preset, vocab, L)
+    disk = len(cells) * (_files(512 + 16 * examples) + BLOCK)  # metrics.json, record
+    out.append(StagePlan("eval", flops, seconds(flops, cpu_s), disk, BASE_RSS + 4 * Pe, 4 * Pe * bool(gpu_mem)))
+    if unread:
+        warnings.append(
+            f"tasks not readable here, their sizes assumed ({cap or 1000} holdout, 1000 target examples): "
+            + ", ".join(dict.fromkeys(unread))
+        )
     for st in out:
         if gpu_mem and st.gpu > gpu_mem:
             knob = "featurize.proj_dim" if st.stage == "features" else f"the {st.stage} preset"
             warnings.append(
                 f"{st.stage}: needs {_gb(st.gpu)} of GPU memory, the {gpu} has {_gb(gpu_mem)}; lower {knob}"
             )
-    return out, warnings, HARDWARE[gpu][3]
+    return out, warnings, GPU_NOTE if gpu_rate else CPU_NOTE
 
 
 def check_fit(stages: list[StagePlan], out_dir: str | Path, ram_bytes: int | None = None) -> list[str]:

@@ -51,8 +51,55 @@ def test_plan_warns_naming_the_knob(tmp_path):
     cfg = load_experiment(ROOT / "configs" / "micro.yaml", ["featurize.shard_size=8"], base_dir=tmp_path)
     stages, warnings, _ = plan(cfg, 240, 32, 97)
     assert any("featurize.shard_size" in w for w in warnings), warnings
-    big = load_experiment(ROOT / "configs" / "micro.yaml", ["featurize.proj_dim=200000"], base_dir=tmp_path)
+    # dense: the feature dim is k itself (the factorized sketch caps it at the layers' sizes, 15k for micro)
+    over = ["featurize.proj_dim=200000", "featurize.projector=dense"]
+    big = load_experiment(ROOT / "configs" / "micro.yaml", over, base_dir=tmp_path)
     stages, warnings, _ = plan(big, 240, 32, 97, gpu="a100")
     assert any("GPU memory" in w and "featurize.proj_dim" in w for w in warnings), warnings
     fit = check_fit(stages, tmp_path, ram_bytes=1 << 30)
     assert any("peak RAM" in w and "featurize.proj_dim" in w for w in fit), fit
+
+
+def test_plan_disk_is_within_2x_of_a_whole_micro_run(tmp_path):
+    """configs/micro.yaml run end to end on the runner test's micro data (240 x 32 tokens, 3 tasks, 38 models):
+    every stage's planned disk is within 2x of the blocks its folders use."""
+    from test_experiment import build_micro_data
+
+    from dsdm.cli import main
+    from dsdm.config import save_config
+
+    build_micro_data(tmp_path)
+    cfg = load_experiment(ROOT / "configs" / "micro.yaml", base_dir=tmp_path)
+    save_config(cfg, tmp_path / "micro.yaml")
+    out = tmp_path / "run"
+    assert main(["experiment", str(tmp_path / "micro.yaml"), "--out", str(out)]) == 0
+    pool = Pool(tmp_path / "pool")
+    stages, warnings, _ = plan(cfg, len(pool), pool.seq_len, pool.vocab_size)
+    assert not any("not readable" in w for w in warnings), warnings  # the task sizes were read, not assumed
+    predicted = {s.stage: s.disk for s in stages}
+    measured = {
+        "pool": disk(tmp_path / "pool"),
+        "proxies": disk(out / "proxies"),
+        "features": disk(out / "features"),
+        "scores": disk(out / "scores" / "dsdm"),
+        "baselines": disk(out / "scores") - disk(out / "scores" / "dsdm"),
+        "models": disk(out / "models") + disk(out / "selections"),
+        "eval": disk(out / "eval"),
+    }
+    assert set(predicted) == set(measured)
+    for stage, used in measured.items():
+        assert used / 2 <= predicted[stage] <= 2 * used, (stage, predicted[stage], used)
+
+
+def test_cpu_cost_model_reproduces_its_measurements():
+    """The fitted training cost is within 1.4x of every measured throughput it was fitted to, and the featurize
+    model passes through both measured featurize rates (docs/benchmarks.md "Featurize", "Learning regime")."""
+    from dsdm.plan import CPU_FEATURIZE_MEASURED, CPU_TRAIN_MEASURED, _feat_s, _train_s, cpu_model
+
+    m = cpu_model()
+    for preset, over, vocab, seq_len, rate in CPU_TRAIN_MEASURED:
+        assert 1 / 1.4 < rate * _train_s(m, preset, vocab, seq_len, **over) < 1.4, (preset, vocab, seq_len)
+    for preset, over, vocab, seq_len, rate in CPU_FEATURIZE_MEASURED:
+        assert abs(rate * _feat_s(m, preset, vocab, seq_len, **over) - 1) < 1e-6
+    # what drives the cost at these sizes: the vocabulary (LM head and softmax) and the preset
+    assert _train_s(m, "nano", 4096, 128) > 2 * _train_s(m, "nano", 512, 128) > 2 * _train_s(m, "micro", 512, 128)

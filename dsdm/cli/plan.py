@@ -12,9 +12,11 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Per stage of `dsdm experiment CONFIG`: FLOPs, expected time on the named hardware, disk, peak RAM and\n"
-            "GPU memory, and warnings naming the setting that makes it fit. CPU times are from measured throughputs\n"
-            "(docs/benchmarks.md); GPU times assume 35% of the bf16 peak until a GPU benchmark is recorded.\n"
-            "Reads the config and, if pool.path exists, the pool's manifest; writes nothing."
+            "GPU memory, and warnings naming the setting that makes it fit. CPU times come from a cost model fitted\n"
+            'to measured throughputs (dsdm/plan.py, docs/benchmarks.md "`dsdm plan` against measured runs"); GPU\n'
+            "times assume 35% of the bf16 peak until a GPU benchmark is recorded.\n"
+            "Reads the config, the task files (their sizes) and, if pool.path exists, the pool's manifest; writes\n"
+            "nothing."
         ),
     )
     p.add_argument("config", metavar="CONFIG.yaml")
