@@ -58,7 +58,7 @@ DENSE_IID_S = (62.25 - 1.20) / (5.29e6 * 4096)  # s per batch per p x k
 DENSE_SRHT_S = (2.60 - 1.20) / 16 / (2**23 * 23)  # s per example per p_pad log2(p_pad)
 # The demo run's stage records (docs/benchmarks.md "`dsdm plan` against measured runs": micro proxies, nano models,
 # V = 512, T = 128, 20,348 pool examples, 2 quiet cores), each taken relative to the cost model above.
-DEMO_SCORE = (4.552, 2 * 2419)  # scores/dsdm_mix: s; proxy x target examples (short: context + continuation)
+DEMO_SCORE = (4.552, 2 * 2419)  # scores/dsdm_mix: s; proxy x target examples of its 3 tasks (short examples)
 DEMO_EVAL = (4.367, 1743)  # eval/*: s per model (mean of 16); holdout examples per model (6 tasks, <= 300 each)
 DEMO_BASELINES = {"semdedup": 29.544, "dsir": 2.700, "classifier": 4.933}  # scores/<method>_*: s for one target
 DEMO_TOKENS = 20348 * 128
@@ -251,12 +251,13 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
                 f"features: the per-shard Gram files ({_gb(pcfg.n * shards * gram)}) outweigh the features; raise "
                 f"featurize.shard_size (now {fcfg.shard_size}) or lower featurize.proj_dim (now {dim})"
             )
-        # one pass over each store for all targets (datamodel.score_targets), after every target task's examples
-        # went through every proxy (short examples: score_fraction of a pool example each)
-        targets = sum(task_rows(s, "target", 1000) for t in cfg.targets for s in t.tasks)
+        # one pass over each store for all targets (datamodel.score_targets), after each distinct target task's
+        # examples went through every proxy (short examples: score_fraction of a pool example each)
+        tasks = list(dict.fromkeys(s for t in cfg.targets for s in t.tasks))
+        targets = sum(task_rows(s, "target", 1000) for s in tasks)
         read = pcfg.n * N * dim * b
         cpu_s = read / READ_BYTES_PER_S + pcfg.n * targets * m["score_fraction"] * _feat_s(m, tcfg.preset, vocab, L)
-        flops = 2 * N * dim * pcfg.n * len(cfg.targets) + pcfg.n * targets * per_example
+        flops = 2 * N * dim * pcfg.n * len(tasks) + pcfg.n * targets * per_example
         disk = sum(_files(4 * N + 128, 4 * N * len(t.tasks) + 128) for t in cfg.targets) + 2 * BLOCK
         out.append(StagePlan("scores", flops, seconds(flops, cpu_s), disk, ram))
     base = [(x, n) for x, n in (("dsir", len(cfg.targets)), ("classifier", len(cfg.targets)), ("semdedup", 1))
