@@ -5,12 +5,12 @@ CPU times come from a cost model calibrated on measured runs, not from FLOPs alo
 step is mostly fixed overhead and the LM head's softmax over V, and featurizing an example costs a fixed few ms on
 top of a fraction of a training step. A training token costs
 
-    t = STEP_OVERHEAD + body FLOPs / BODY_RATE + head FLOPs / HEAD_RATE
+    t = overhead + body FLOPs / body_rate + head FLOPs / head_rate          (cpu_model(): 5.4 us, 125, 56 GFLOP/s)
 
 with body = 6 (12 L d^2 + L T d) (the blocks and attention) and head = 6 V d (the tied LM head, whose (B, T, V)
 logits and softmax run at under half the body's FLOP rate), least-squares fitted (relative error) to the 11 measured
-throughputs in CPU_TRAIN_MEASURED (micro to a 5.29M-parameter GPT, V = 512 to 8,192; every one within 0.8-1.35x of
-the fit). A featurized pool example costs FEAT_OVERHEAD + FEAT_STEPS x (one example's training step), solved through
+throughputs in CPU_TRAIN_MEASURED (micro to a 5.29M-parameter GPT, V = 512 to 8,192; every one within 0.74-1.23x of
+the fit). A featurized pool example costs feat_overhead + feat_steps x (one example's training step), solved through
 the two measured featurize rates in CPU_FEATURIZE_MEASURED; scoring, evaluation and the baselines are calibrated on
 the demo run's stage records (DEMO_*). Every constant names its source in docs/benchmarks.md. No GPU throughput has
 been measured yet (docs/benchmarks.md "GPU": not run), so GPU times are FLOPs over the vendor's dense bf16 peak times
