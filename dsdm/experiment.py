@@ -666,6 +666,24 @@ def check_stage_configs(cfg: ExperimentConfig) -> None:
         _stage_cfg(PoolBuildConfig, cfg.pool.build, "pool.build")
 
 
+def check_selection_sizes(cfg: ExperimentConfig, cells: list[Cell], n: int) -> None:
+    """Refuse, before any work, a cell whose k its method cannot select from n pool examples (a method's optional
+    max_k(n), e.g. SemDeDup's kept fraction); found otherwise only at that cell's selection, after the pool-sized
+    stages have run."""
+    for method in cfg.methods:
+        if not hasattr(METHODS[method], "max_k"):
+            continue
+        limit = make(method, cfg.method_options.get(method, {})).max_k(n)
+        too_big = [c.k for c in cells if c.method == method and limit is not None and c.k > limit]
+        if too_big:
+            raise ValueError(
+                f"{method} can select at most {limit} of the pool's {n} examples with method_options.{method} = "
+                f"{cfg.method_options.get(method, {})}, but its cells need k = {max(too_big)}; raise its keep "
+                f"fraction (e.g. method_options.{method}.target_keep_fraction >= {max(too_big) / n:.3f}) or lower "
+                "budget.tokens"
+            )
+
+
 def plan(ctx: Context) -> tuple[list[Cell] | None, list[Stage], dict[str, str]]:
     """(cells, stages, keys). Until a pool the run builds exists with its current settings, only the pool stage is
     planned (the cells depend on the pool's size); plan again after it has run."""
@@ -680,6 +698,7 @@ def plan(ctx: Context) -> tuple[list[Cell] | None, list[Stage], dict[str, str]]:
         if ((read_record(out / "pool") or {}).get("run") or {}).get("key") != keys["pool"]:
             return None, [pool_stage], keys
     cells = plan_cells(cfg, ctx.pool.seq_len, len(ctx.pool))
+    check_selection_sizes(cfg, cells, len(ctx.pool))
     stages = plan_stages(cfg, ctx, cells)
     for st in stages:
         keys[st.name] = stage_key(st, keys)

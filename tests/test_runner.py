@@ -169,6 +169,9 @@ def test_missing_optional_dependency_fails_before_any_work(micro, tmp_path, monk
         (["--set", "seeds=abc"], "seeds"),
         (["--set", "budget.tokens=40"], "raise budget.tokens"),  # k = 40 / (4 x 32) < 1
         (["--set", "budget.tokens=100000"], "exceeds the pool"),
+        # SemDeDup keeps ~10% = 24 examples, its 1-epoch cells need k = 64: found at selection before (the repro lost
+        # 17 min of pool-sized stages to it), now before any work
+        (["--set", "method_options.semdedup.target_keep_fraction=0.1"], "semdedup can select at most 24"),
         (["--set", "unseen=[nowhere]"], "nowhere"),
         (["--set", "methods=[random,bogus]"], "bogus"),
         (["--set", "method_options.dsir.num_bucket=3"], "dsir.num_bucket"),

@@ -226,6 +226,11 @@ class SemDeDup:
         }
         return keep, info
 
+    def max_k(self, n: int) -> int | None:
+        """The most examples a selection can hold from a pool of n: about target_keep_fraction * n are kept and k
+        are drawn from them (None when eps is given: the kept count is known only after the dedup)."""
+        return int(self.target_keep_fraction * n) if self.target_keep_fraction > 0 else None
+
     def select(self, keep: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         """k uniform draws without replacement from the kept set."""
         from dsdm.select import uniform_k
