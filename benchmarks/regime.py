@@ -197,7 +197,8 @@ def table(rows: list[dict]) -> str:
         r0 = rs[0]
         lines.append(
             f"| {name} | {int(r0['params']) / 1e6:.2f}M | {int(r0['tokens']) / 1e6:.2f}M | {r0['tokens_per_param']} | "
-            f"{int(float(r0['quiet_tok_s'])):,} | {budget} s x{mult} | {len(seeds)} | " + " | ".join(cells)
+            f"{int(float(r0['quiet_tok_s'])):,} | {budget} s x{mult} | {len(seeds)} | "
+            + " | ".join(cells)
             + f" | {below}/4 | {gap:+.3f} | {above}/{len(first)} | {mc} |"
         )
     refs = {}
