@@ -28,10 +28,10 @@ from dsdm.baselines import METHODS, fit_and_score, make, target_texts
 from dsdm.common import log, resolve_device
 from dsdm.config import from_dict
 from dsdm.datamodel import ScoreConfig, ensemble, load_features, score_tasks_per_proxy
-from dsdm.io import atomic_path, atomic_write_text, mark_done, read_json
+from dsdm.io import atomic_path, atomic_write_text, mark_done
 from dsdm.pool import Pool
 from dsdm.tasks import load_task
-from dsdm.validate import lds_summary, subset_predictions
+from dsdm.validate import lds_summary, read_lds_run, subset_predictions
 
 # name -> ScoreConfig overrides; "default" is ScoreConfig() itself. Chosen to answer docs/estimator.md's questions
 # one switch at a time (issue 13's list); combinations go in a variants file.
@@ -66,27 +66,14 @@ class SweepConfig:
 
 
 def load_lds_run(lds_dir) -> dict:
-    """lds.json of a validate-lds run with its subsets: {"subsets": [S arrays], "tasks": {name: (spec, target (S,),
-    holdout (S,))}, "pool": dir, "n": N}. Runs older than `eval_tasks` give their one task."""
-    lds_dir = Path(lds_dir)
-    if not (lds_dir / "lds.json").exists():
-        raise FileNotFoundError(f"{lds_dir}/lds.json not found: run `dsdm validate-lds --out {lds_dir}` first")
-    rec = read_json(lds_dir / "lds.json")
-    if "losses_by_task" not in rec:
+    """validate.read_lds_run, plus the pool: {"subsets", "tasks": {name: (spec, target (S,), holdout (S,))}, "pool",
+    "n"}. A run made before `eval_tasks` is refused: its lds.json lacks the task specs the variants are scored for."""
+    run = read_lds_run(lds_dir)
+    if any(spec is None for spec, _, _ in run["tasks"].values()):
         raise ValueError(
             f"{lds_dir}/lds.json has no losses_by_task (made before `eval_tasks`): re-run validate-lds to sweep it"
         )
-    subsets = [np.load(lds_dir / "subsets" / f"subset_{j}.npy") for j in range(len(rec["losses"]))]
-    tasks = {
-        name: (
-            rec["task_specs"][name],
-            np.array([r["target"] for r in rows]),
-            np.array([r["holdout"] for r in rows]),
-        )
-        for name, rows in rec["losses_by_task"].items()
-    }
-    n = len(np.load(lds_dir / "scores.npy", mmap_mode="r"))
-    return {"subsets": subsets, "tasks": tasks, "pool": rec["pool"], "n": n, "config": rec["config"]}
+    return {"subsets": run["subsets"], "tasks": run["tasks"], "pool": run["record"]["pool"], "n": run["n"]}
 
 
 def read_variants(path) -> dict[str, dict]:

@@ -229,20 +229,37 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
     return record
 
 
-def rescore(lds_dir, score_files: list) -> list[dict]:
-    """LDS of other score vectors, each (N,) with larger = more helpful, on the subsets and losses that an earlier
-    `validate-lds` measured: no training. Any selection method's scores of the same pool (another projection, k,
-    ridge, DSIR's log-ratios ...) are compared on the same models. Returns one row per file."""
+def read_lds_run(lds_dir) -> dict:
+    """What a validate-lds run measured: {"subsets": S index arrays, "n": pool size, "record": lds.json, "tasks":
+    {name: (task spec, target losses (S,), holdout losses (S,))}}, the scored task first. A run made before
+    `eval_tasks` has only its scored task, with spec None (its lds.json did not record it)."""
     from dsdm.io import read_json
 
     lds_dir = Path(lds_dir)
     if not (lds_dir / "lds.json").exists():
         raise FileNotFoundError(f"{lds_dir}/lds.json not found: run `dsdm validate-lds --out {lds_dir}` first")
     rec = read_json(lds_dir / "lds.json")
-    subsets = [np.load(lds_dir / "subsets" / f"subset_{j}.npy") for j in range(len(rec["losses"]))]
-    target = np.array([r["target"] for r in rec["losses"]])
-    holdout = np.array([r["holdout"] for r in rec["losses"]])
-    n = len(np.load(lds_dir / "scores.npy", mmap_mode="r"))
+    by_task = rec.get("losses_by_task") or {rec.get("task", "target"): rec["losses"]}
+    specs = rec.get("task_specs") or {}
+    tasks = {
+        name: (specs.get(name), np.array([r["target"] for r in rows]), np.array([r["holdout"] for r in rows]))
+        for name, rows in by_task.items()
+    }
+    return {
+        "subsets": [np.load(lds_dir / "subsets" / f"subset_{j}.npy") for j in range(len(rec["losses"]))],
+        "n": len(np.load(lds_dir / "scores.npy", mmap_mode="r")),
+        "record": rec,
+        "tasks": tasks,
+    }
+
+
+def rescore(lds_dir, score_files: list) -> list[dict]:
+    """LDS of other score vectors, each (N,) with larger = more helpful, on the subsets and losses that an earlier
+    `validate-lds` measured: no training. Any selection method's scores of the same pool (another projection, k,
+    ridge, DSIR's log-ratios ...) are compared on the same models. Returns one row per file."""
+    run = read_lds_run(lds_dir)
+    subsets, n = run["subsets"], run["n"]
+    _, target, holdout = next(iter(run["tasks"].values()))  # the scored task
     rows = []
     for f in score_files:
         scores = np.load(f, mmap_mode="r")
