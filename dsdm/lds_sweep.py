@@ -11,6 +11,11 @@ task's target split with its p-value, on its holdout split, the number of subset
 Variants file (YAML): a mapping name -> ScoreConfig overrides, plus an optional `features: NAME` naming one of the
 extra stores given with `--features NAME=DIR`. Without it, DEFAULT_VARIANTS. The baselines (default: DSIR) are
 fitted on each task's target split and scored over the pool (dsdm.baselines.fit_and_score) and enter as rows too.
+
+Selection arms (`topk_fraction` > 0): the LDS ranks random subsets, but selection keeps the top of one ranking, and
+the two can disagree (docs/estimator.md, "Downstream check"). So each (variant, task) can also train one model, with
+the LDS run's own recipe and seed, on the k examples that variant would select for that task (top-k; a baseline by
+its own rule, e.g. DSIR's Gumbel top-k), and report its holdout loss beside `random_arms` models on uniform k-subsets.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from dsdm.baselines import METHODS, fit_and_score, make, target_texts
-from dsdm.common import log, resolve_device
+from dsdm.common import log, numpy_rng, resolve_device
 from dsdm.config import from_dict
 from dsdm.datamodel import ScoreConfig, ensemble, load_features, score_tasks_per_proxy
 from dsdm.io import atomic_path, atomic_write_text, mark_done
 from dsdm.pool import Pool
-from dsdm.tasks import load_task
-from dsdm.validate import lds_summary, read_lds_run, subset_predictions
+from dsdm.select import top_k, uniform_k
+from dsdm.tasks import encode_examples, load_task
+from dsdm.validate import ValidateConfig, lds_summary, read_lds_run, subset_predictions, train_and_eval, train_seed
 
 # name -> ScoreConfig overrides; "default" is ScoreConfig() itself. Chosen to answer docs/estimator.md's questions
 # one switch at a time (issue 13's list); combinations go in a variants file.
@@ -52,7 +58,21 @@ DEFAULT_VARIANTS: dict[str, dict] = {
     "proxies_1": {"num_proxies": 1},
 }
 
-COLUMNS = ["variant", "target", "lds", "p", "lds_holdout", "subsets", "regime", "features", "config"]
+COLUMNS = [
+    "variant",
+    "target",
+    "lds",
+    "p",
+    "lds_holdout",
+    "subsets",
+    "regime",
+    "features",
+    "config",
+    "k",
+    "topk_loss",
+    "random_loss",
+    "random_loss_se",
+]
 
 
 @dataclass
@@ -63,17 +83,34 @@ class SweepConfig:
     """Baseline methods (dsdm.baselines.METHODS with per-example scores) whose LDS is measured beside the variants."""
     device: str = "auto"
     """Device for the target gradients and the streamed scoring."""
+    topk_fraction: float = 0.0
+    """k = round(topk_fraction * N) for the selection arms (module docstring); 0 = LDS only, no training."""
+    random_arms: int = 3
+    """Uniform random k-subsets trained as the reference of the selection arms (their mean and standard error)."""
+
+    def __post_init__(self):
+        if not 0 <= self.topk_fraction < 1:
+            raise ValueError(f"topk_fraction must be in [0, 1), got {self.topk_fraction}")
+        if self.topk_fraction and self.random_arms < 2:
+            raise ValueError(f"random_arms must be >= 2 for a standard error, got {self.random_arms}")
 
 
 def load_lds_run(lds_dir) -> dict:
     """validate.read_lds_run, plus the pool: {"subsets", "tasks": {name: (spec, target (S,), holdout (S,))}, "pool",
-    "n"}. A run made before `eval_tasks` is refused: its lds.json lacks the task specs the variants are scored for."""
+    "n", "config" (the run's ValidateConfig as a dict)}. A run made before `eval_tasks` is refused: its lds.json lacks the task specs the variants are scored for."""
     run = read_lds_run(lds_dir)
     if any(spec is None for spec, _, _ in run["tasks"].values()):
         raise ValueError(
             f"{lds_dir}/lds.json has no losses_by_task (made before `eval_tasks`): re-run validate-lds to sweep it"
         )
-    return {"subsets": run["subsets"], "tasks": run["tasks"], "pool": run["record"]["pool"], "n": run["n"]}
+    rec = run["record"]
+    return {
+        "subsets": run["subsets"],
+        "tasks": run["tasks"],
+        "pool": rec["pool"],
+        "n": run["n"],
+        "config": rec["config"],
+    }
 
 
 def read_variants(path) -> dict[str, dict]:
@@ -87,8 +124,47 @@ def read_variants(path) -> dict[str, dict]:
     return variants
 
 
-def _rows_for(name, scores, run, regime, features, config) -> list[dict]:
-    """One row per task: the LDS of (N, T) per-task scores (columns in run['tasks'] order)."""
+class _Arms:
+    """The selection arms of one sweep: trains (or finds, dsdm.train skips finished runs) a model per k-subset under
+    out_dir/arms/ with the LDS run's recipe and seed, and evaluates it on task holdout splits."""
+
+    def __init__(self, run: dict, pool: Pool, out_dir: Path, cfg: SweepConfig, device):
+        self.vcfg = from_dict(ValidateConfig, run["config"], prefix="lds.json config: ")
+        self.pool, self.dir, self.device = pool, out_dir / "arms", device
+        self.k = max(1, int(round(cfg.topk_fraction * run["n"])))
+        self.evals = {}
+        for task, (spec, _, _) in run["tasks"].items():
+            tok, _, sc = encode_examples(pool.tokenizer, load_task(spec).split("holdout"), pool.seq_len, pool.eos_id)
+            self.evals[task] = {"holdout": (tok, sc)}
+        losses = []
+        for r in range(cfg.random_arms):
+            idx = np.sort(uniform_k(run["n"], self.k, numpy_rng((self.vcfg.seed, 20_000 + r))))
+            losses.append(self.loss(idx, f"random_{r}", list(self.evals)))
+        self.random = {t: np.array([x[t] for x in losses]) for t in self.evals}
+        log(
+            f"selection arms: k={self.k}; random holdout loss "
+            + ", ".join(f"{t} {v.mean():.4f} ± {v.std(ddof=1) / np.sqrt(v.size):.4f}" for t, v in self.random.items())
+        )
+
+    def loss(self, indices: np.ndarray, name: str, tasks: list[str]) -> dict[str, float]:
+        evals = {t: self.evals[t] for t in tasks}
+        seed = train_seed(self.vcfg, 999)  # the seed validate-lds gives its sanity arms
+        measured = train_and_eval(self.pool, np.sort(indices), self.vcfg, seed, self.dir / name, evals, self.device)
+        return {t: measured[t]["holdout"] for t in tasks}
+
+    def columns(self, task: str, indices: np.ndarray, name: str) -> dict:
+        random = self.random[task]
+        return {
+            "k": self.k,
+            "topk_loss": round(self.loss(indices, f"{name}__{task}", [task])[task], 4),
+            "random_loss": round(float(random.mean()), 4),
+            "random_loss_se": round(float(random.std(ddof=1) / np.sqrt(random.size)), 4),
+        }
+
+
+def _rows_for(name, scores, run, regime, features, config, arms: _Arms | None = None, select=None) -> list[dict]:
+    """One row per task: the LDS of (N, T) per-task scores (columns in run['tasks'] order), and with `arms` the
+    holdout loss of a model trained on what select(scores[:, t], k) keeps (default: top-k)."""
     rows = []
     for t, (task, (_, target, holdout)) in enumerate(run["tasks"].items()):
         pred = subset_predictions(scores[:, t], run["subsets"])
@@ -106,6 +182,9 @@ def _rows_for(name, scores, run, regime, features, config) -> list[dict]:
                 "config": json.dumps(config, sort_keys=True),
             }
         )
+        if arms is not None:
+            kept = (select or top_k)(scores[:, t], arms.k)
+            rows[-1].update(arms.columns(task, np.asarray(kept, dtype=np.int64), name))
     return rows
 
 
@@ -132,6 +211,8 @@ def sweep(
             raise ValueError(f"lds-sweep baselines: {b!r} is not a targeted method ({', '.join(METHODS)})")
     device = resolve_device(cfg.device)[0]
     specs = [spec for spec, _, _ in run["tasks"].values()]
+    pool, out_dir = Pool(run["pool"]), Path(out_dir)
+    arms = _Arms(run, pool, out_dir, cfg, device) if cfg.topk_fraction else None
     rows = []
     for name, overrides in variants.items():
         overrides = dict(overrides)
@@ -141,16 +222,17 @@ def sweep(
         score_cfg = from_dict(ScoreConfig, overrides, prefix=f"variant {name}: ")
         us, qs, _ = score_tasks_per_proxy(Path(features[store]), specs, score_cfg, device)
         scores = ensemble(us, qs)
-        rows += _rows_for(name, scores, run, cfg.regime, store, overrides)
-        log(f"variant {name}: " + ", ".join(f"{r['target']} {r['lds']:+.3f}" for r in rows[-len(specs) :]))
-    pool = Pool(run["pool"])
+        rows += _rows_for(name, scores, run, cfg.regime, store, overrides, arms)
+        log(f"variant {name}: " + _summary(rows[-len(specs) :]))
     for b in cfg.baselines:
+        est = make(b)
         per_task = np.stack(
-            [np.asarray(fit_and_score(make(b), pool, target_texts([load_task(s)]), 0)[0]) for s in specs], 1
+            [np.asarray(fit_and_score(est, pool, target_texts([load_task(s)]), 0)[0]) for s in specs], 1
         )
-        rows += _rows_for(b, per_task.astype(np.float64), run, cfg.regime, "", {})
-        log(f"baseline {b}: " + ", ".join(f"{r['target']} {r['lds']:+.3f}" for r in rows[-len(specs) :]))
-    out_dir = Path(out_dir)
+        # the method's own rule (DSIR: Gumbel top-k of log w), with the runner's selection stream for seed 0
+        rule = lambda scores, k: est.select(scores, k, numpy_rng((0, 2)))  # noqa: E731
+        rows += _rows_for(b, per_task.astype(np.float64), run, cfg.regime, "", {}, arms, rule)
+        log(f"baseline {b}: " + _summary(rows[-len(specs) :]))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -160,6 +242,15 @@ def sweep(
     stage_cfg = {"lds": str(lds_dir), "features": features, "variants": variants, "sweep": vars(cfg)}
     mark_done(out_dir, stage_cfg, started=started, stage="lds-sweep")
     return rows
+
+
+def _summary(rows: list[dict]) -> str:
+    """'task LDS [top-k loss - random loss]' per row, for the log."""
+    parts = []
+    for r in rows:
+        arm = f" [top-k {r['topk_loss'] - r['random_loss']:+.3f} vs random]" if "topk_loss" in r else ""
+        parts.append(f"{r['target']} {r['lds']:+.3f}{arm}")
+    return ", ".join(parts)
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:

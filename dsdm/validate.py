@@ -123,7 +123,7 @@ class ValidateConfig:
             raise ValueError("fraction must be in (0, 1) and sanity_fraction in [0, 1)")
 
 
-def _train_and_eval(pool, indices, cfg: ValidateConfig, seed: int, out_dir: Path, evals: dict, device) -> dict:
+def train_and_eval(pool, indices, cfg: ValidateConfig, seed: int, out_dir: Path, evals: dict, device) -> dict:
     """Train on `indices`, then the mean continuation loss of every (task, split) in evals -> {task: {split: loss}}."""
     from dsdm.config import from_dict
     from dsdm.model import load_model
@@ -137,7 +137,7 @@ def _train_and_eval(pool, indices, cfg: ValidateConfig, seed: int, out_dir: Path
     }
 
 
-def _train_seed(cfg: ValidateConfig, model_index: int) -> int:
+def train_seed(cfg: ValidateConfig, model_index: int) -> int:
     """seed * 1000 for every model when shared_train_seed, else seed * 1000 + model_index."""
     return cfg.seed * 1000 + (0 if cfg.shared_train_seed else model_index)
 
@@ -180,7 +180,7 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
     for j, s in enumerate(subsets):
         save_npy(out_dir / "subsets" / f"subset_{j}.npy", s)
         model_dir = out_dir / "models" / f"lds_{j}"
-        measured = _train_and_eval(pool, s, cfg, _train_seed(cfg, j), model_dir, evals, device)
+        measured = train_and_eval(pool, s, cfg, train_seed(cfg, j), model_dir, evals, device)
         for name in evals:
             by_task[name].append(measured[name])
         log(f"LDS subset {j + 1}/{cfg.subsets}: target loss {measured[task.name]['target']:.4f}")
@@ -213,7 +213,7 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         sanity = {}
         for name, idx in arms.items():
             model_dir = out_dir / "models" / name
-            sanity[name] = _train_and_eval(pool, np.sort(idx), cfg, _train_seed(cfg, 999), model_dir, evals, device)[
+            sanity[name] = train_and_eval(pool, np.sort(idx), cfg, train_seed(cfg, 999), model_dir, evals, device)[
                 task.name
             ]
             log(f"sanity {name} (k={k}): holdout loss {sanity[name]['holdout']:.4f}")

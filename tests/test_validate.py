@@ -4,11 +4,13 @@
 Run: .venv/bin/python -m pytest -q tests/test_validate.py
 """
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 
+from dsdm.select import top_k
 from dsdm.validate import lds, lds_by_ensemble_size, lds_by_group, rescore, subset_predictions
 
 
@@ -135,6 +137,25 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     assert float(rows["first", "cooking"]["lds"]) == pytest.approx(rec["lds_target_by_proxies"]["1"], abs=1e-4)
     assert rows["same", "sports"]["lds"] == rows["default", "sports"]["lds"]
     assert rows["default", "sports"]["regime"] == "micro test" and rows["cos", "cooking"]["subsets"] == "4"
+
+    # selection arms: each (variant, task) trains on what the variant keeps; the top-k arm's training indices are
+    # exactly top_k of the variant's scores (`dsdm score`, the same code), k = round(0.2 N), and two variants with
+    # the same scores share one selection and so one loss; the random reference is the mean of its arms
+    arms = ["--set", "topk_fraction=0.2", "--set", "random_arms=2", "--set", "device=cpu"]
+    assert main(sweep + ["--out", str(run / "sweep-arms")] + arms) == 0
+    capsys.readouterr()
+    rows = {(r["variant"], r["target"]): r for r in csv.DictReader(open(run / "sweep-arms" / "sweep.csv"))}
+    n = len(np.load(run / "lds" / "scores.npy"))
+    assert {r["k"] for r in rows.values()} == {str(round(0.2 * n))}
+    assert rows["same", "sports"]["topk_loss"] == rows["default", "sports"]["topk_loss"]
+    assert rows["dsir", "cooking"]["random_loss"] == rows["default", "cooking"]["random_loss"]
+    assert float(rows["default", "cooking"]["random_loss_se"]) > 0 and float(rows["cos", "sports"]["topk_loss"]) > 0
+    cooking = str(tmp_path / "tasks" / "cooking")
+    assert main(["score", "--features", str(run / "features"), "--target", cooking, "--out", str(run / "d.npy")]) == 0
+    kept = np.sort(top_k(np.load(run / "d.npy"), round(0.2 * n)))
+    record = json.loads((run / "sweep-arms" / "arms" / "default__cooking" / "_done.json").read_text())
+    assert record["config"]["indices_sha256"] == hashlib.sha256(kept.tobytes()).hexdigest()
+
     variants.write_text("bad: {normalise: pool}\n")
     assert main(sweep + ["--out", str(run / "sweep2")]) == 2
     assert "variant bad: normalise" in capsys.readouterr().err

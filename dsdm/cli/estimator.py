@@ -159,7 +159,10 @@ def register(subparsers) -> None:
             "Reads: --lds DIR (lds.json, subsets/), --features DIR [NAME=DIR ...], --variants FILE.yaml (optional:\n"
             "name -> {ScoreConfig key: value, features: NAME}; default: dsdm.lds_sweep.DEFAULT_VARIANTS).\n"
             "Writes under --out: sweep.csv (variant, target, lds, p, lds_holdout, subsets, regime, features,\n"
-            "config), sweep.png, _done.json. Settings: --set regime='...' baselines=[dsir] device=cpu."
+            "config, k, topk_loss, random_loss, random_loss_se), sweep.png, arms/ (selection-arm models),\n"
+            "_done.json. Settings: --set regime='...' baselines=[dsir] device=cpu topk_fraction=0.074\n"
+            "random_arms=3 (topk_fraction > 0: per variant and task, train the LDS run's recipe on the k examples\n"
+            "the variant selects and report its holdout loss beside random k-subsets: what selection uses)."
         ),
     )
     w.add_argument("--lds", required=True, metavar="DIR", help="output directory of dsdm validate-lds")
