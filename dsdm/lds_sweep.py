@@ -9,7 +9,9 @@ scored by the same code `dsdm score` runs. Each row of sweep.csv is one (variant
 task's target split with its p-value, on its holdout split, the number of subsets and a free-text regime.
 
 Variants file (YAML): a mapping name -> ScoreConfig overrides, plus an optional `features: NAME` naming one of the
-extra stores given with `--features NAME=DIR`. Without it, DEFAULT_VARIANTS. The baselines (default: DSIR) are
+extra stores given with `--features NAME=DIR`, and an optional `select:` rule for the selection arms ({rule: top_k}
+by default; {rule: tempered, temperature: T} or {rule: balanced, by: COLUMN}: dsdm.select.tempered_k, balanced_top_k
+over a pool metadata column such as `source`). Without it, DEFAULT_VARIANTS. The baselines (default: DSIR) are
 fitted on each task's target split and scored over the pool (dsdm.baselines.fit_and_score) and enter as rows too.
 
 Selection arms (`topk_fraction` > 0): the LDS ranks random subsets, but selection keeps the top of one ranking, and
@@ -35,7 +37,7 @@ from dsdm.config import from_dict
 from dsdm.datamodel import ScoreConfig, ensemble, load_features, score_tasks_per_proxy
 from dsdm.io import atomic_path, atomic_write_text, mark_done
 from dsdm.pool import Pool
-from dsdm.select import top_k, uniform_k
+from dsdm.select import balanced_top_k, tempered_k, top_k, uniform_k
 from dsdm.tasks import encode_examples, load_task
 from dsdm.validate import ValidateConfig, lds_summary, read_lds_run, subset_predictions, train_and_eval, train_seed
 
@@ -97,7 +99,8 @@ class SweepConfig:
 
 def load_lds_run(lds_dir) -> dict:
     """validate.read_lds_run, plus the pool: {"subsets", "tasks": {name: (spec, target (S,), holdout (S,))}, "pool",
-    "n", "config" (the run's ValidateConfig as a dict)}. A run made before `eval_tasks` is refused: its lds.json lacks the task specs the variants are scored for."""
+    "n", "config" (the run's ValidateConfig as a dict)}. A run made before `eval_tasks` is refused: its lds.json lacks
+    the task specs the variants are scored for."""
     run = read_lds_run(lds_dir)
     if any(spec is None for spec, _, _ in run["tasks"].values()):
         raise ValueError(
@@ -162,6 +165,29 @@ class _Arms:
         }
 
 
+def selection_rule(spec: dict | None, pool: Pool, name: str):
+    """A variant's `select:` setting -> f(scores (N,), k) -> (k,) indices. Draws use the runner's selection stream
+    for seed 0, numpy_rng((0, 2)), fresh for every call."""
+    spec = dict(spec or {"rule": "top_k"})
+    rule = spec.pop("rule", "top_k")
+    allowed = {"top_k": set(), "tempered": {"temperature"}, "balanced": {"by"}}
+    if rule not in allowed or set(spec) - allowed[rule]:
+        raise ValueError(
+            f"variant {name}: select must be {{rule: top_k}}, {{rule: tempered, temperature: T}} or "
+            f"{{rule: balanced, by: COLUMN}}; got {dict(rule=rule, **spec)}"
+        )
+    if rule == "tempered":
+        temperature = float(spec.get("temperature", 1.0))
+        return lambda scores, k: tempered_k(scores, k, temperature, numpy_rng((0, 2)))
+    if rule == "balanced":
+        column = spec.get("by", "source")
+        if column not in pool.meta.column_names:
+            raise ValueError(f"variant {name}: select.by={column!r} is not a column of {pool.path}/metadata")
+        groups = np.asarray(pool.meta.column(column).to_pylist(), dtype=object).astype(str)
+        return lambda scores, k: balanced_top_k(scores, groups, k)
+    return top_k
+
+
 def _rows_for(name, scores, run, regime, features, config, arms: _Arms | None = None, select=None) -> list[dict]:
     """One row per task: the LDS of (N, T) per-task scores (columns in run['tasks'] order), and with `arms` the
     holdout loss of a model trained on what select(scores[:, t], k) keeps (default: top-k)."""
@@ -209,20 +235,26 @@ def sweep(
     for b in cfg.baselines:
         if b not in METHODS or not METHODS[b].targeted:
             raise ValueError(f"lds-sweep baselines: {b!r} is not a targeted method ({', '.join(METHODS)})")
-    device = resolve_device(cfg.device)[0]
-    specs = [spec for spec, _, _ in run["tasks"].values()]
     pool, out_dir = Pool(run["pool"]), Path(out_dir)
-    arms = _Arms(run, pool, out_dir, cfg, device) if cfg.topk_fraction else None
-    rows = []
+    parsed = {}  # every variant checked before any work: name -> (store, ScoreConfig overrides, ScoreConfig, rule)
     for name, overrides in variants.items():
         overrides = dict(overrides)
         store = overrides.pop("features", "main")
+        select = selection_rule(overrides.pop("select", None), pool, name)
         if store not in features:
             raise ValueError(f"variant {name!r}: features {store!r} not given (--features {store}=DIR)")
-        score_cfg = from_dict(ScoreConfig, overrides, prefix=f"variant {name}: ")
-        us, qs, _ = score_tasks_per_proxy(Path(features[store]), specs, score_cfg, device)
-        scores = ensemble(us, qs)
-        rows += _rows_for(name, scores, run, cfg.regime, store, overrides, arms)
+        parsed[name] = (store, overrides, from_dict(ScoreConfig, overrides, prefix=f"variant {name}: "), select)
+    device = resolve_device(cfg.device)[0]
+    specs = [spec for spec, _, _ in run["tasks"].values()]
+    arms = _Arms(run, pool, out_dir, cfg, device) if cfg.topk_fraction else None
+    rows, cache = [], {}  # variants that differ only in their selection rule share one scoring pass
+    for name, (store, overrides, score_cfg, select) in parsed.items():
+        key = json.dumps([store, overrides], sort_keys=True)
+        if key not in cache:
+            us, qs, _ = score_tasks_per_proxy(Path(features[store]), specs, score_cfg, device)
+            cache[key] = ensemble(us, qs)
+        config = {**overrides, **({"select": variants[name]["select"]} if "select" in variants[name] else {})}
+        rows += _rows_for(name, cache[key], run, cfg.regime, store, config, arms, select)
         log(f"variant {name}: " + _summary(rows[-len(specs) :]))
     for b in cfg.baselines:
         est = make(b)

@@ -63,6 +63,42 @@ def gumbel_top_k(log_weights: np.ndarray, k: int, rng: np.random.Generator) -> n
     return top_k(keys, k)
 
 
+def tempered_k(scores: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """k indices sampled without replacement with P(i) ∝ exp(z_i / temperature), z = the scores standardized (mean 0,
+    s.d. 1), so the temperature is in units of the scores' spread whatever their scale: -> 0 is top_k, -> inf is
+    uniform. The Gumbel-temperature selection DATE-LM uses instead of top-k (docs/estimator.md). (N,) -> (k,)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scores = _check(np.asarray(scores, dtype=np.float64), k)
+    spread = scores.std()
+    z = (scores - scores.mean()) / (spread if spread > 0 else 1.0)
+    return gumbel_top_k(z / temperature, k, rng)
+
+
+def balanced_top_k(scores: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray:
+    """Top-k inside each group, with each group's quota proportional to its share of the pool (largest remainder;
+    equal remainders go to the group that sorts first): a selection that keeps the pool's composition, so a score
+    that favours one source cannot pile the whole budget onto it (Quad and Group-MATES balance clusters the same
+    way). scores (N,), groups (N,) labels -> (k,) int64, best score first, ties by lower index."""
+    scores = _check(scores, k)
+    groups = np.asarray(groups)
+    if groups.shape != scores.shape:
+        raise ValueError(f"groups must have one label per score, shape {scores.shape}; got {groups.shape}")
+    labels, inverse = np.unique(groups, return_inverse=True)
+    sizes = np.bincount(inverse, minlength=labels.size)
+    exact = sizes * (k / scores.shape[0])
+    quota = np.floor(exact).astype(np.int64)
+    extra = k - int(quota.sum())
+    order = np.lexsort((np.arange(labels.size), -(exact - quota)))  # largest remainder first, then group order
+    quota[order[:extra]] += 1
+    kept = []
+    for g in range(labels.size):
+        members = np.flatnonzero(inverse == g)
+        kept.append(members[top_k(scores[members], int(quota[g]))])
+    idx = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    return idx[np.lexsort((idx, -scores[idx]))].astype(np.int64)
+
+
 def uniform_k(candidates: np.ndarray | int, k: int, rng: np.random.Generator) -> np.ndarray:
     """k distinct indices drawn uniformly from `candidates` (an index array, a bool keep mask, or N for range(N))."""
     if isinstance(candidates, (int, np.integer)):

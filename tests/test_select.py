@@ -1,4 +1,5 @@
-"""The shared selection step: top_k against a full argsort, deterministic ties, Gumbel top-k frequencies.
+"""The shared selection step: top_k against a full argsort, deterministic ties, Gumbel top-k frequencies, the
+tempered and the group-balanced rules against their definitions.
 
 Run: pytest tests/test_select.py
 """
@@ -6,7 +7,7 @@ Run: pytest tests/test_select.py
 import numpy as np
 import pytest
 
-from dsdm.select import bottom_k, gumbel_top_k, top_k, uniform_k
+from dsdm.select import balanced_top_k, bottom_k, gumbel_top_k, tempered_k, top_k, uniform_k
 
 
 def test_top_k_equals_stable_argsort_with_ties():
@@ -54,3 +55,41 @@ def test_uniform_k_is_seeded_and_respects_mask():
     b = uniform_k(mask, 10, np.random.default_rng(5))
     np.testing.assert_array_equal(a, b)
     assert np.all(mask[a]) and len(set(a.tolist())) == 10
+
+
+def test_tempered_k_is_softmax_of_standardized_scores_and_its_limits():
+    scores = np.array([3.0, 1.0, 0.0, -2.0, 7.0])
+    z = (scores - scores.mean()) / scores.std()
+    rng = np.random.default_rng(7)
+    counts = np.zeros(5)
+    for _ in range(20000):  # the first draw is categorical with p ∝ exp(z / T)
+        counts[tempered_k(scores, 2, 0.8, rng)[0]] += 1
+    p = np.exp(z / 0.8) / np.exp(z / 0.8).sum()
+    np.testing.assert_allclose(counts / counts.sum(), p, atol=0.015)
+    # scale-free: 100x the scores, same draw from the same stream; T -> 0 is top_k
+    a = tempered_k(scores, 3, 0.5, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, tempered_k(100 * scores, 3, 0.5, np.random.default_rng(1)))
+    big = np.random.default_rng(2).normal(size=1000)
+    np.testing.assert_array_equal(np.sort(tempered_k(big, 50, 1e-6, np.random.default_rng(3))), np.sort(top_k(big, 50)))
+    with pytest.raises(ValueError, match="temperature"):
+        tempered_k(scores, 2, 0.0, rng)
+
+
+def test_balanced_top_k_keeps_the_pool_composition_and_each_groups_best():
+    # group a: 6 examples with the highest scores, b: 3, c: 1. Plain top-4 takes only a; balanced gives quotas
+    # 4 * (6, 3, 1) / 10 = (2.4, 1.2, 0.4) -> floors (2, 1, 0) + the one left to the largest remainder, a (0.4 ties c
+    # at 0.4; a sorts first) -> (3, 1, 0).
+    scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 1.0, 3.0, 2.0, 0.5])
+    groups = np.array(["a"] * 6 + ["b"] * 3 + ["c"])
+    assert top_k(scores, 4).tolist() == [0, 1, 2, 3]
+    assert balanced_top_k(scores, groups, 4).tolist() == [0, 1, 2, 7]
+    # k = N keeps everything (best first); quotas always sum to k
+    np.testing.assert_array_equal(balanced_top_k(scores, groups, 10), top_k(scores, 10))
+    rng = np.random.default_rng(0)
+    many = rng.integers(0, 7, size=1000)
+    for k in (1, 13, 500, 999):
+        got = balanced_top_k(rng.normal(size=1000), many, k)
+        assert got.size == k == np.unique(got).size
+        np.testing.assert_array_less(np.abs(np.bincount(many[got], minlength=7) - k * np.bincount(many) / 1000), 1)
+    with pytest.raises(ValueError, match="one label per score"):
+        balanced_top_k(scores, groups[:5], 2)

@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from dsdm.select import top_k
+from dsdm.pool import Pool
+from dsdm.select import balanced_top_k, top_k
 from dsdm.validate import lds, lds_by_ensemble_size, lds_by_group, rescore, subset_predictions
 
 
@@ -142,6 +143,10 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     # exactly top_k of the variant's scores (`dsdm score`, the same code), k = round(0.2 N), and two variants with
     # the same scores share one selection and so one loss; the random reference is the mean of its arms
     arms = ["--set", "topk_fraction=0.2", "--set", "random_arms=2", "--set", "device=cpu"]
+    variants.write_text(
+        variants.read_text() + "cold: {select: {rule: tempered, temperature: 1.0e-6}}\n"
+        "bal: {select: {rule: balanced, by: source}}\n"
+    )
     assert main(sweep + ["--out", str(run / "sweep-arms")] + arms) == 0
     capsys.readouterr()
     rows = {(r["variant"], r["target"]): r for r in csv.DictReader(open(run / "sweep-arms" / "sweep.csv"))}
@@ -155,6 +160,16 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     kept = np.sort(top_k(np.load(run / "d.npy"), round(0.2 * n)))
     record = json.loads((run / "sweep-arms" / "arms" / "default__cooking" / "_done.json").read_text())
     assert record["config"]["indices_sha256"] == hashlib.sha256(kept.tobytes()).hexdigest()
+    # the other rules: a near-zero temperature is top-k; balanced keeps each source's share of the pool
+    assert rows["cold", "cooking"]["topk_loss"] == rows["default", "cooking"]["topk_loss"]
+    sources = np.asarray(Pool(pool).meta.column("source").to_pylist(), dtype=object).astype(str)
+    kept = np.sort(balanced_top_k(np.load(run / "d.npy"), sources, round(0.2 * n)))
+    record = json.loads((run / "sweep-arms" / "arms" / "bal__cooking" / "_done.json").read_text())
+    assert record["config"]["indices_sha256"] == hashlib.sha256(kept.tobytes()).hexdigest()
+    variants.write_text("hot: {select: {rule: tempered, temp: 2}}\n")
+    assert main(sweep + ["--out", str(run / "sweep3")] + arms) == 2
+    assert "variant hot: select must be" in capsys.readouterr().err
+    assert not (run / "sweep3").exists()  # refused before any work
 
     variants.write_text("bad: {normalise: pool}\n")
     assert main(sweep + ["--out", str(run / "sweep2")]) == 2

@@ -155,9 +155,11 @@ def register(subparsers) -> None:
         description=(
             "Score estimator variants (ScoreConfig switches: use_q, ridge, normalize, kernel, exclude_layers,\n"
             "num_proxies; or other feature stores of the same pool) and baselines (DSIR) for every task a\n"
-            "validate-lds run evaluated (its --set eval_tasks=[...]), on its subsets and losses: no training.\n\n"
+            "validate-lds run evaluated (its --set eval_tasks=[...]), on its subsets and losses: no training\n"
+            "unless topk_fraction > 0.\n\n"
             "Reads: --lds DIR (lds.json, subsets/), --features DIR [NAME=DIR ...], --variants FILE.yaml (optional:\n"
-            "name -> {ScoreConfig key: value, features: NAME}; default: dsdm.lds_sweep.DEFAULT_VARIANTS).\n"
+            "name -> {ScoreConfig key: value, features: NAME, select: {rule: top_k | tempered, temperature: T |\n"
+            "balanced, by: COLUMN}}; default: dsdm.lds_sweep.DEFAULT_VARIANTS).\n"
             "Writes under --out: sweep.csv (variant, target, lds, p, lds_holdout, subsets, regime, features,\n"
             "config, k, topk_loss, random_loss, random_loss_se), sweep.png, arms/ (selection-arm models),\n"
             "_done.json. Settings: --set regime='...' baselines=[dsir] device=cpu topk_fraction=0.074\n"
