@@ -555,7 +555,7 @@ class Context:
         est = make(method, self.cfg.method_options.get(method, {}))
         tasks = [self.tasks[s] for s in target.tasks] if target else []
         where = _stage_cfg(ExecutorConfig, self.cfg.baselines, "baselines")
-        s, info = fit_and_score(est, self.pool, target_texts(tasks), 0, where)
+        s, info = fit_and_score(est, self.pool, target_texts(tasks), 0, where, scratch_dir=d)
         save_npy(d / est.scores_file, np.asarray(s))
         write_json(d / "info.json", info)
         mark_done(
