@@ -85,6 +85,9 @@ class SweepConfig:
     """Baseline methods (dsdm.baselines.METHODS with per-example scores) whose LDS is measured beside the variants."""
     device: str = "auto"
     """Device for the target gradients and the streamed scoring."""
+    subset_range: list[int] = field(default_factory=list)
+    """[start, stop): measure the LDS on those subsets only (default: all). For a held-out confirmation: subsets
+    trained after a variant was chosen on the earlier ones (validate-lds draws subset j the same for any count)."""
     topk_fraction: float = 0.0
     """k = round(topk_fraction * N) for the selection arms (module docstring); 0 = LDS only, no training."""
     random_arms: int = 3
@@ -93,6 +96,8 @@ class SweepConfig:
     def __post_init__(self):
         if not 0 <= self.topk_fraction < 1:
             raise ValueError(f"topk_fraction must be in [0, 1), got {self.topk_fraction}")
+        if self.subset_range and (len(self.subset_range) != 2 or not 0 <= self.subset_range[0] < self.subset_range[1]):
+            raise ValueError(f"subset_range must be [start, stop) with 0 <= start < stop, got {self.subset_range}")
         if self.topk_fraction and self.random_arms < 2:
             raise ValueError(f"random_arms must be >= 2 for a standard error, got {self.random_arms}")
 
@@ -223,6 +228,12 @@ def sweep(
     Returns the rows (COLUMNS)."""
     started = time.time()
     run = load_lds_run(lds_dir)
+    if cfg.subset_range:
+        start, stop = cfg.subset_range
+        if stop > len(run["subsets"]):
+            raise ValueError(f"subset_range {cfg.subset_range}: {lds_dir} has {len(run['subsets'])} subsets")
+        run["subsets"] = run["subsets"][start:stop]
+        run["tasks"] = {t: (spec, a[start:stop], b[start:stop]) for t, (spec, a, b) in run["tasks"].items()}
     variants = dict(DEFAULT_VARIANTS if variants is None else variants)
     if "main" not in features:
         raise ValueError("lds-sweep needs the main feature store (--features DIR)")

@@ -139,6 +139,15 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     assert rows["same", "sports"]["lds"] == rows["default", "sports"]["lds"]
     assert rows["default", "sports"]["regime"] == "micro test" and rows["cos", "cooking"]["subsets"] == "4"
 
+    # a slice of the subsets (a held-out confirmation): the run's own predictions and losses on subsets 1..3
+    assert main(sweep + ["--out", str(run / "sweep-late"), "--set", "subset_range=[1,4]", "--set", "device=cpu"]) == 0
+    late = {(r["variant"], r["target"]): r for r in csv.DictReader(open(run / "sweep-late" / "sweep.csv"))}
+    target = [r["target"] for r in rec["losses"]][1:]
+    assert float(late["default", "cooking"]["lds"]) == pytest.approx(
+        lds(np.array(rec["predictions"][1:]), target), abs=1e-4
+    )
+    assert late["default", "cooking"]["subsets"] == "3"
+
     # selection arms: each (variant, task) trains on what the variant keeps; the top-k arm's training indices are
     # exactly top_k of the variant's scores (`dsdm score`, the same code), k = round(0.2 N), and two variants with
     # the same scores share one selection and so one loss; the random reference is the mean of its arms
