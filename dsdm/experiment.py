@@ -57,7 +57,7 @@ from dsdm.datamodel import ScoreConfig, score_targets, task_mix
 from dsdm.evaluate import evaluate_task
 from dsdm.featurize import FeaturizeConfig
 from dsdm.featurize import run as featurize_run
-from dsdm.ingest import PoolBuildConfig, build_pool, expand_inputs, input_fingerprints
+from dsdm.ingest import PoolBuildConfig, build_pool, build_settings, expand_inputs, input_fingerprints
 from dsdm.io import (
     DONE_FILE,
     _diff_keys,
@@ -501,7 +501,7 @@ class Context:
     def pool_slice(self) -> dict:
         """The pool stage's slice: the build settings that change the pool, and the sha256 of every input file
         (computed once per run: plan() is called again after the pool is built)."""
-        settings = {k: v for k, v in dataclasses.asdict(self._pool_cfg()).items() if k not in ("workers", "batch_docs")}
+        settings = build_settings(self._pool_cfg())  # where the build runs (workers, executor) is no part of it
         files = input_fingerprints(expand_inputs(self.cfg.pool.inputs))
         return {"pool": {"build": settings, "inputs": [f["sha256"] for f in files]}}
 

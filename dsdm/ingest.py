@@ -15,11 +15,17 @@ Memory stays bounded whatever the input size: readers stream, at most `2 * worke
 documents are in flight, and PoolWriter streams to disk. Tokenization runs in `workers` processes; batches
 are submitted with a bounded window of apply_async calls and collected in order (Pool.imap would read the whole
 input ahead), so the output does not depend on the number of workers.
+
+executor=ray (README "Scale out") tokenizes one input file per Ray task instead, each into a part file under
+<out>/.parts/ (the inputs and --out must be on a filesystem every worker sees); this process then reads the parts
+back in input order, packs and writes: the same bytes as the local build (tests/test_ray_pool.py). The parts take
+4 bytes per token on disk until they are read back; one file is the unit of work, so a single big file gets one worker.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
 import shutil
@@ -31,8 +37,11 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from dsdm.common import log, progress
+from dsdm.common import check_requirements, log, progress
+from dsdm.config import to_dict
+from dsdm.io import atomic_path
 from dsdm.readers import Cursor, Doc, Errors, expand_inputs, iter_documents, scan_meta_columns
+from dsdm.shards import plan_shards, ray_init, run_on_actors
 
 
 @dataclass
@@ -60,6 +69,12 @@ class PoolBuildConfig:
     sample_fraction: float = 1.0
     """Keep each document with this probability, decided by a hash of its text (streaming, deterministic, the same
     documents whatever the file order); the rest are counted as sampled_out. For a smaller pool from big inputs."""
+    executor: str = "local"
+    """local (tokenizer processes on this machine, `workers`) | ray (one Ray task per input file: a worker opens the
+    file by its path and tokenizes it to a part file; packing and writing stay here: bitwise the same pool)."""
+    ray_address: str | None = None
+    """executor=ray: None starts a local Ray cluster; 'auto' joins the cluster this machine is in (`ray start`);
+    'ray://HOST:PORT' a remote head."""
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -75,6 +90,17 @@ class PoolBuildConfig:
             raise ValueError(f"pool build: workers must be >= 0, got {self.workers}")
         if not 0 < self.sample_fraction <= 1:
             raise ValueError(f"pool build: sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"pool build: executor must be local or ray, got {self.executor!r}")
+
+
+# Where and how the work runs, not what it computes: left out of the pool's completion key and pool.json.
+WHERE_NOT_WHAT = ("workers", "batch_docs", "executor", "ray_address")
+
+
+def build_settings(cfg: PoolBuildConfig) -> dict:
+    """The settings that decide the pool's content (the build's cache key): cfg less WHERE_NOT_WHAT."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in WHERE_NOT_WHAT}
 
 
 def tokenizer_sample(files, cfg: PoolBuildConfig) -> Iterator[str]:
@@ -176,6 +202,98 @@ def batched(docs: Iterator[Doc], n: int) -> Iterator[list[Doc]]:
 
 
 # -----------------------------------------------------------------------------
+# Ray: one task per input file. A worker opens the file by its path, reads, samples and tokenizes it into a part file
+# (nothing big travels through Ray); this process reads the parts back in input order and packs and writes them as
+# the local build does, so the pool is bitwise the same. Packing crosses file boundaries, so it cannot be sharded.
+
+
+def part_paths(parts: Path, i: int) -> tuple[Path, Path]:
+    """Input file i's part: its token ids (uint32, back to back) and its documents (JSON lines)."""
+    return parts / f"{i:06d}.ids", parts / f"{i:06d}.docs"
+
+
+def tokenize_file(file, cfg: PoolBuildConfig, keep: frozenset, tok, parts: Path, i: int) -> dict:
+    """Read, sample and tokenize input file i (a (path, kind, source) triple) into its part: the ids of every
+    document and one line [doc_id, meta, tokens] per document. -> {"errors": Errors, "sampled_out": int}, or
+    {"error": message} for the first bad document under on_error=raise (raised by the caller, in input order)."""
+    errors, counts = Errors(cfg.on_error), {"sampled_out": 0}
+    ids_path, docs_path = part_paths(parts, i)
+    docs = sampled(iter_documents([file], cfg, errors, keep), cfg.sample_fraction, counts)
+    try:
+        with atomic_path(ids_path) as ids_tmp, atomic_path(docs_path) as docs_tmp:  # a retried task rewrites both
+            with open(ids_tmp, "wb") as fi, open(docs_tmp, "w", encoding="utf-8") as fd:
+                for batch in batched(docs, cfg.batch_docs):
+                    ids, lengths = encode_texts([d[0] for d in batch], tok)
+                    fi.write(ids.tobytes())
+                    fd.writelines(json.dumps([d[1], d[2], int(n)]) + "\n" for d, n in zip(batch, lengths))
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"errors": errors, "sampled_out": counts["sampled_out"]}
+
+
+class FileWorker:
+    """A Ray actor of the pool build: loads the tokenizer once, then tokenizes each input file it is handed (by its
+    index in `files`) with tokenize_file. Relative input paths are opened from `cwd`, the caller's directory."""
+
+    def __init__(self, files, cfg: PoolBuildConfig, keep: frozenset, tokenizer_json: str, parts: str, cwd):
+        from dsdm.tokenizer import single_threaded
+
+        single_threaded()  # one thread per actor: the actors are the parallelism
+        if cwd is not None:
+            try:
+                os.chdir(cwd)
+            except OSError:
+                raise ValueError(
+                    f"pool build: the inputs are relative to {cwd}, which a Ray worker cannot see; give absolute "
+                    "paths on a filesystem every worker sees"
+                ) from None
+        self.files, self.cfg, self.keep, self.parts, self.tok = files, cfg, keep, Path(parts), _load(tokenizer_json)
+
+    def run(self, start: int, stop: int) -> list[dict]:
+        return [tokenize_file(self.files[i], self.cfg, self.keep, self.tok, self.parts, i) for i in range(start, stop)]
+
+
+def ray_batches(files, cfg: PoolBuildConfig, errors: Errors, keep, tokenizer_json: str, parts: Path, docs, cursor):
+    """Tokenize every input file on Ray actors into `parts`, merge their counts into `errors` and `docs` in input
+    order, and return the batches ([(doc_id, meta)], ids, lengths) read back from the parts in input order (the
+    parts are deleted once read). A bad document under on_error=raise raises here: the first in input order."""
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True)
+    relative = any(not p.is_absolute() for p, _, _ in files)
+    worker = dict(files=files, cfg=cfg, keep=keep, tokenizer_json=tokenizer_json, parts=str(parts.resolve()),
+                  cwd=os.getcwd() if relative else None)  # fmt: skip
+    try:
+        shards = plan_shards(len(files), 1)
+        results = run_on_actors(FileWorker, worker, shards, ray_address=cfg.ray_address, desc="pool build: files")
+        results = [r for shard in results for r in shard]
+        for r in results:
+            if "error" in r:
+                raise ValueError(r["error"])
+    except BaseException:
+        shutil.rmtree(parts, ignore_errors=True)
+        raise
+    for r in results:
+        errors.merge(r["errors"])
+        docs["sampled_out"] += r["sampled_out"]
+    return _read_parts(files, parts, cfg.batch_docs, cursor)
+
+
+def _read_parts(files, parts: Path, batch_docs: int, cursor: Cursor):
+    try:
+        for i, (path, _, _) in enumerate(files):
+            ids_path, docs_path = part_paths(parts, i)
+            with open(ids_path, "rb") as fi, open(docs_path, encoding="utf-8") as fd:
+                for lines in batched(fd, batch_docs):
+                    rows = [json.loads(line) for line in lines]
+                    lengths = np.array([r[2] for r in rows], dtype=np.int64)
+                    ids = np.frombuffer(fi.read(4 * int(lengths.sum())), dtype=np.uint32)
+                    yield [(r[0], r[1]) for r in rows], ids, lengths
+            cursor.base += path.stat().st_size
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
 # Packing
 
 
@@ -243,21 +361,25 @@ def build_pool(inputs: list[str], out_dir: str | Path, cfg: PoolBuildConfig, for
     import pyarrow as pa
 
     from dsdm import __version__
-    from dsdm.config import save_config, to_dict
+    from dsdm.config import save_config
     from dsdm.io import clear_done, is_done
     from dsdm.pool import PoolWriter
     from dsdm.tokenizer import eos_token, load_tokenizer, save_tokenizer
 
     started = time.time()
+    if cfg.executor == "ray":
+        check_requirements({"ray": "ray"}, "pool build with executor=ray")  # one line, before any work
     out = Path(out_dir)
     files = expand_inputs(list(inputs))
     fingerprints = input_fingerprints(files)
     # the store does not depend on how the work is spread, so those knobs are left out of the cache key
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "batch_docs")}
+    settings = build_settings(cfg)
     done_config = {"pool_build": settings, "inputs": fingerprints}
     if is_done(out, done_config, force):
         log(f"{out} is already built from these inputs with this config; nothing to do")
         return out
+    if cfg.executor == "ray":
+        ray_init(cfg.ray_address)  # a wrong address fails here, before the tokenizer is trained
     clear_done(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -278,6 +400,7 @@ def build_pool(inputs: list[str], out_dir: str | Path, cfg: PoolBuildConfig, for
         stats = ingest(files, cfg, writer, errors, frozenset(keep), eos_id, tok_path.read_text(encoding="utf-8"))
     except BaseException:
         shutil.rmtree(writer.build_dir, ignore_errors=True)  # leave no half-built store behind
+        shutil.rmtree(out / ".parts", ignore_errors=True)  # executor=ray: the tokenized files not read back yet
         tok_path.unlink(missing_ok=True)
         raise
     if writer.num_examples == 0:
@@ -316,14 +439,21 @@ def ingest(files, cfg, writer, errors, keep, eos_id, tokenizer_json) -> dict:
     docs = {"read": 0, "kept": 0, "too_short": 0, "truncated": 0, "sampled_out": 0}
     sources: dict[str, dict[str, int]] = {}
     doc_tokens = 0
+    if cfg.executor == "ray":  # every file tokenized by Ray workers first, then read back here in input order
+        batches = ray_batches(files, cfg, errors, keep, tokenizer_json, writer.out_dir / ".parts", docs, cursor)
+    else:
+        batches = batched(
+            sampled(iter_documents(files, cfg, errors, keep, cursor), cfg.sample_fraction, docs), cfg.batch_docs
+        )
+        batches = (
+            ([(d[1], d[2]) for d in batch], ids, lengths)
+            for batch, ids, lengths in tokenized_batches(batches, tokenizer_json, resolve_workers(cfg.workers))
+        )
     bar = progress(total=total_bytes, desc="pool build", unit="B")
     t0 = time.time()
-    batches = batched(
-        sampled(iter_documents(files, cfg, errors, keep, cursor), cfg.sample_fraction, docs), cfg.batch_docs
-    )
-    for batch, ids, lengths in tokenized_batches(batches, tokenizer_json, resolve_workers(cfg.workers)):
+    for batch, ids, lengths in batches:  # batch: [(doc_id, meta)], ids: (sum n_i,) uint32, lengths: (B,)
         starts = np.concatenate([[0], np.cumsum(lengths)])
-        for (text, doc_id, meta, where), a, b in zip(batch, starts[:-1], starts[1:]):
+        for (doc_id, meta), a, b in zip(batch, starts[:-1], starts[1:]):
             docs["read"] += 1
             n = int(b - a)
             if n < cfg.min_tokens:

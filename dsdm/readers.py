@@ -71,6 +71,15 @@ class Errors:
         if len(self.examples[reason]) < MAX_EXAMPLES_PER_REASON:
             self.examples[reason].append(where)
 
+    def merge(self, other: Errors) -> None:
+        """Add the counts of `other`, which read the inputs after these (a Ray worker's file): merged in input order,
+        the result is what one Errors reading every file in turn would hold."""
+        self.counts.update(other.counts)
+        for reason, wheres in other.examples.items():
+            kept = self.examples.setdefault(reason, [])
+            kept.extend(wheres[: MAX_EXAMPLES_PER_REASON - len(kept)])
+        self.unkept_keys.update(other.unkept_keys)
+
 
 def check_text(text: Any, where: str, field: str, max_bytes: int, errors: Errors) -> bool:
     """True if `text` is a usable document; otherwise report it (raise or count) and return False."""
