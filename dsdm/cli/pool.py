@@ -19,9 +19,13 @@ Bad input (malformed JSON, missing text field, non-UTF-8, NUL bytes, empty or ov
 corrupt .gz/.zst file) stops the build with the file, line and fix, unless --on-error skip, which skips, counts by
 reason and reports (a truncated file keeps the documents before the cut).
 
+Scale out (README "Scale out"): --executor ray [--ray-address auto|ray://HOST:PORT] tokenizes one input file per
+Ray task (the inputs and --out on a filesystem every worker sees); the pool is bitwise the local one.
+
 Examples:
   dsdm pool build data/*.jsonl.gz --out pools/web --tokenizer gpt2 --seq-len 1024
   dsdm pool build corpus.parquet notes/ --out pools/mine --tokenizer train:8192 --on-error skip
+  dsdm pool build data/*.jsonl.zst --out pools/web --tokenizer gpt2 --executor ray --ray-address auto
 """
 
 
@@ -50,6 +54,12 @@ def register(sub) -> None:
     b.add_argument("--text-field", help="column / JSON key with the text (default text)")
     b.add_argument("--on-error", choices=["raise", "skip"], help="bad documents: stop (default) or skip and count")
     b.add_argument("--workers", type=int, help="tokenizer processes (default: CPU cores - 1, at most 8)")
+    b.add_argument(
+        "--executor", choices=["local", "ray"], help="local (default) | ray: one Ray task per input file tokenizes it"
+    )
+    b.add_argument(
+        "--ray-address", metavar="ADDR", help="executor=ray: auto | ray://HOST:PORT (default: a local cluster)"
+    )
     add_config_args(b)
     b.set_defaults(func=build)
     i = psub.add_parser("info", help="counts, length histogram and per-source documents/tokens of a pool")
@@ -58,7 +68,8 @@ def register(sub) -> None:
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
-FLAGS = ("tokenizer", "seq_len", "pack", "min_tokens", "text_field", "on_error", "workers")  # = PoolBuildConfig keys
+# = PoolBuildConfig keys
+FLAGS = ("tokenizer", "seq_len", "pack", "min_tokens", "text_field", "on_error", "workers", "executor", "ray_address")
 
 
 def build(args) -> int:
