@@ -356,7 +356,7 @@ def build_pool(inputs: list[str], out_dir: str | Path, cfg: PoolBuildConfig, for
     """Tokenize `inputs` into a pool directory (layout: dsdm.pool). Returns out_dir.
 
     Re-running with the same inputs (by sha256) and config does nothing; a different config is refused unless
-    `force`. The store is byte-identical for identical inputs and config, whatever `workers` is.
+    `force`. The store is byte-identical for identical inputs and config, whatever `workers` and `executor` are.
     """
     import pyarrow as pa
 
