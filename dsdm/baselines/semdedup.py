@@ -324,12 +324,12 @@ class SemDeDup:
                 "raise kmeans_sample or lower n_clusters"
             )
         self.centroids_ = train_kmeans(x, c, self.seed, self.kmeans_iters, self.kmeans_sample)
-        self.labels_, cos = assign(x, self.centroids_)
+        self.labels_, cos = assign(x, self.centroids_, ASSIGN_BATCH)
         clusters = cluster_order(self.labels_, cos)
         mask = keep_mask
         if where is not None and where.executor == "ray":
             assert isinstance(x, np.memmap), "executor=ray de-duplicates from a store the workers open: pass a memmap"
-            mask = ray_keep_mask(Path(x.filename), clusters, where)
+            mask = ray_keep_mask(Path(x.filename), clusters, where, SHARD_ROWS)
         if self.target_keep_fraction > 0:
             self.eps_, keep = find_eps(x, clusters, self.target_keep_fraction, mask=mask)
         else:
