@@ -1,7 +1,7 @@
 """SemDeDup: semantic de-duplication (Abbas et al. 2023, arXiv 2303.09540), untargeted (docs/method.md §4).
 
 1. Embed every pool example and L2-normalise (cosine similarity = dot product).
-2. k-means with faiss (spherical, seeded), n_clusters ≈ √N by default.
+2. k-means with faiss (spherical, seeded), n_clusters ≈ √N by default; every point goes to its nearest centroid.
 3. Inside each cluster, visit members in a FIXED ORDER: farthest from the centroid first (SemDeDup's "keep hard"
    order; ties by pool index). Greedy keep rule: keep a point unless its cosine similarity to an already-KEPT point
    of its cluster exceeds 1 − ε.
@@ -16,6 +16,13 @@ compared (as in SemDeDup).
 ε is either given, or found by bisection so the kept fraction is as close as possible to `target_keep_fraction`
 (DsDm's `sdd_20pct` kept ≈20%). The greedy kept fraction is not strictly monotone in ε (dropping one point can free a
 later one), so bisection returns the best ε it visited, and the kept fraction is reported.
+
+At scale (docs/baselines.md "SemDeDup at scale"): the embeddings go chunk by chunk into an (N, d) float32 .npy
+memmap as they are computed (score_pool, embed_pool), never concatenated in RAM; k-means trains on a seeded sample of
+at most `kmeans_sample` rows (every row below that: the demo and repro pools are unchanged); every row is assigned to
+its nearest centroid ASSIGN_BATCH rows at a time; the greedy rule reads one cluster's rows at a time, under one BLAS
+thread so that its bits do not depend on the cores. With executor=ray, actors embed the chunks (EmbedWorker) and Ray
+tasks de-duplicate whole clusters (keep_shard): bitwise the local keep mask.
 
 Embedding back ends:
   tfidf   (default) hashed word uni+bigram counts -> TF-IDF -> TruncatedSVD (`dim`), fitted on a seeded pool sample.
