@@ -14,6 +14,7 @@ What drivers need to know about a method is declared on its class, never tested 
     scores_file            file name of the stored vector: scores.npy, or keep.npy for a keep mask
     requires()             {importable module: dsdm extra} for the settings chosen, checked before any work
     max_k(n)               (optional) the largest k it can select from n examples, checked before any work
+    score_pool(...)        (optional) runs the whole pool pass itself instead of transform + finish (SemDeDup)
 
 A new method is one file and one line in METHODS.
 
