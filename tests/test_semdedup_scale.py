@@ -2,7 +2,7 @@
 seeded sample, nearest-centroid assignment in batches, the greedy rule one cluster at a time, optionally on Ray.
 
 Planted near-duplicate groups in random embeddings keep exactly one representative each (the member farthest from
-its centroid) with k-means trained on a sample and batched assignment; the memmapped pool pass (score_pool) equals
+its centroid) with k-means trained on a sample and batched assignment; the on-disk pool pass (score_pool) equals
 the in-RAM path bitwise, with every point or a sample training k-means; with every point it equals the one-shot
 k-means the module used before (so the demo and repro pools, smaller than kmeans_sample, are unchanged); the Ray
 executor equals the local one bitwise. Memory is measured in benchmarks/semdedup_scale.py, not here.
@@ -114,8 +114,9 @@ def text_pool(tmp_path_factory):
 
 @pytest.mark.parametrize("kmeans_sample", [0, 120])
 def test_memmapped_pool_pass_equals_the_in_ram_path(text_pool, tmp_path, monkeypatch, kmeans_sample):
-    """score_pool (chunks of 37 written into a memmap, assignment 50 rows at a time, one cluster in RAM at a time)
-    against finish(parts) (every embedding concatenated in RAM, one assignment batch): the same bits."""
+    """score_pool (chunks of 37 written into a memmap, assignment in 50-row shards, rows copied into visiting order,
+    each cluster read as one slice) against finish(parts) (every embedding concatenated in RAM, one assignment
+    batch, clusters gathered from the array): the same bits."""
     params = dict(dim=24, target_keep_fraction=0.6, kmeans_sample=kmeans_sample, seed=0)
     pool = text_pool
     texts = read_items(pool, np.arange(len(pool)), "text")
@@ -144,11 +145,13 @@ def cluster():
 
 @needs_ray
 def test_ray_executor_is_bitwise_the_local_one(text_pool, cluster, tmp_path, monkeypatch):
-    """executor=ray: 9 chunks embedded by 2 actors into the store, every bisection step's clusters de-duplicated by
-    Ray tasks of about 40 rows; the keep mask, eps and info equal the local executor's."""
+    """executor=ray: 9 chunks embedded by 2 actors into the store, the assignment in 5 Ray tasks of 64 rows, every
+    bisection step's clusters de-duplicated by Ray tasks of about 40 rows; the keep mask, eps and info equal the local
+    executor's."""
     params = dict(dim=24, target_keep_fraction=0.6, kmeans_sample=120, seed=0)
     local, info = fit_and_score(SemDeDup(**params), text_pool, [], 0, ExecutorConfig(chunk_size=37), tmp_path / "a")
     monkeypatch.setattr(sdd, "SHARD_ROWS", 40)
+    monkeypatch.setattr(sdd, "ASSIGN_BATCH", 64)
     where = ExecutorConfig(executor="ray", chunk_size=37)
     scaled, info2 = fit_and_score(SemDeDup(**params), text_pool, [], 0, where, tmp_path / "b")
     assert scaled.tobytes() == local.tobytes() and info2 == info

@@ -44,7 +44,7 @@ from threadpoolctl import threadpool_limits
 from dsdm.common import log, numpy_rng, progress
 from dsdm.io import open_memmap, save_npy
 from dsdm.pool import Pool
-from dsdm.shards import run_on_actors, run_shards
+from dsdm.shards import plan_shards, run_on_actors, run_shards
 
 ASSIGN_BATCH = 65_536  # rows searched against the centroids at a time: (B, d) float32 in RAM, 32 MB at d = 128
 SHARD_ROWS = 16_384  # executor=ray: about this many pool examples (whole clusters) per de-duplication task
@@ -85,20 +85,36 @@ def train_kmeans(x: np.ndarray, n_clusters: int, seed: int, niter: int = 20, sam
     return km.centroids
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, batch: int = ASSIGN_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every row, `batch` rows at a time (x may be a memmap; only a batch is in RAM).
-    x: (N, d) unit rows, centroids: (C, d) -> (labels (N,) int64, cosine to the own centroid (N,) float32)."""
+def assign_batch(xb: np.ndarray, centroids: np.ndarray, index=None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of each row, one BLAS/OpenMP thread (the bits then do not depend on the cores or on the
+    process: assign and the Ray tasks of assign_store agree). xb: (B, d) unit rows, centroids: (C, d); index: a
+    faiss.IndexFlatIP holding the centroids (built if None). -> (labels (B,) int64, cosine to it (B,) float32)."""
+    if index is None:
+        index = centroid_index(centroids)
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    with threadpool_limits(limits=1):
+        _, lb = index.search(xb, 1)  # (B, 1)
+        cos = np.einsum("nd,nd->n", xb, centroids[lb[:, 0]])  # (B,): the similarity the visiting order sorts by
+    return lb[:, 0].astype(np.int64), cos
+
+
+def centroid_index(centroids: np.ndarray):
+    """A faiss.IndexFlatIP over the centroids: the index faiss.Kmeans(spherical=True) itself searches with."""
     import faiss
 
-    index = faiss.IndexFlatIP(centroids.shape[1])  # the index faiss.Kmeans(spherical=True) searches with
+    index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    labels, cos = np.empty(x.shape[0], dtype=np.int64), np.empty(x.shape[0], dtype=np.float32)
-    for start in range(0, x.shape[0], batch):
-        xb = np.ascontiguousarray(x[start : start + batch], dtype=np.float32)  # (B, d)
-        _, lb = index.search(xb, 1)  # (B, 1)
-        labels[start : start + len(xb)] = lb[:, 0]
-        cos[start : start + len(xb)] = np.einsum("nd,nd->n", xb, centroids[lb[:, 0]])
-    return labels, cos
+    return index
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, batch: int = ASSIGN_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """assign_batch over `batch` rows at a time (x may be a memmap: one batch in RAM).
+    x: (N, d) unit rows, centroids: (C, d) -> (labels (N,) int64, cosine to the own centroid (N,) float32)."""
+    index = centroid_index(centroids)
+    parts = [assign_batch(x[start : start + batch], centroids, index) for start in range(0, x.shape[0], batch)]
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def cluster_order(labels: np.ndarray, cos: np.ndarray) -> list[np.ndarray]:
@@ -117,18 +133,16 @@ def read_rows(x: np.ndarray, members: np.ndarray) -> np.ndarray:
     return xs
 
 
-def greedy_keep(x: np.ndarray, members: np.ndarray, threshold: float, block: int = 1024) -> np.ndarray:
-    """Greedy keep rule inside one cluster. x: (N, d) unit rows (array or memmap: only the members' rows are read);
-    members: visiting order. -> bool (len(members),).
+def greedy_rows(xs: np.ndarray, threshold: float, block: int = 1024) -> np.ndarray:
+    """Greedy keep rule inside one cluster. xs: (m, d) unit rows of its members in visiting order. -> bool (m,).
 
     Point j is kept unless x_j · x_i > threshold for some KEPT i visited before j. Fast path: a point with no earlier
     member (kept or not) above the threshold is kept without the sequential check.
     """
-    m = members.shape[0]
+    m = xs.shape[0]
     keep = np.ones(m, dtype=bool)
     if m < 2:
         return keep
-    xs = read_rows(x, members)  # (m, d)
     suspects = []
     for start in range(0, m, block):
         sims = xs[start : start + block] @ xs[: start + block].T  # (b, start+b)
@@ -142,11 +156,16 @@ def greedy_keep(x: np.ndarray, members: np.ndarray, threshold: float, block: int
     return keep
 
 
-def keep_mask(x: np.ndarray, clusters: list[np.ndarray], eps: float) -> np.ndarray:
-    """(N,) bool: the greedy rule in every cluster with threshold 1 − eps, one cluster's rows in RAM at a time.
+def greedy_keep(x: np.ndarray, members: np.ndarray, threshold: float) -> np.ndarray:
+    """greedy_rows on x's rows `members` (visiting order). x: (N, d), an array or memmap. -> bool (len(members),)."""
+    return greedy_rows(read_rows(x, members), threshold)
 
-    One BLAS thread: the products' rounding then depends neither on the cores nor on where a cluster runs (a Ray
-    task computes the same bits, keep_mask_ray)."""
+
+def keep_mask(x: np.ndarray, clusters: list[np.ndarray], eps: float) -> np.ndarray:
+    """(N,) bool: the greedy rule in every cluster with threshold 1 − eps.
+
+    One BLAS thread: the products' rounding then depends neither on the cores nor on where a cluster runs (the
+    on-disk path, store_mask, and its Ray tasks compute the same bits)."""
     keep = np.zeros(x.shape[0], dtype=bool)
     with threadpool_limits(limits=1, user_api="blas"):
         for members in clusters:
@@ -168,51 +187,18 @@ def cluster_shards(sizes: np.ndarray, rows: int) -> list[tuple[int, int]]:
     return shards
 
 
-def keep_shard(store: str, order: str, bounds: str, eps: float, start: int, stop: int) -> np.ndarray:
-    """The greedy rule in clusters [start, stop) of a saved clustering (a Ray task: paths in, a small mask out).
-    store: (N, d) embeddings .npy; order: (N,) int64 members in visiting order; bounds: (C + 1,) cluster offsets
-    into order. -> bool (bounds[stop] - bounds[start],), in visiting order."""
-    x, order_, bounds_ = np.load(store, mmap_mode="r"), np.load(order, mmap_mode="r"), np.load(bounds)
-    clusters = [np.asarray(order_[bounds_[c] : bounds_[c + 1]]) for c in range(start, stop)]
-    with threadpool_limits(limits=1, user_api="blas"):  # the bits of keep_mask, whatever this worker's cores
-        return np.concatenate([greedy_keep(x, members, 1.0 - eps) for members in clusters])
-
-
-def ray_keep_mask(store: Path, clusters: list[np.ndarray], where, rows: int = SHARD_ROWS) -> Callable:
-    """A `mask` for find_eps that runs keep_mask's clusters as Ray tasks of about `rows` members each, bitwise
-    keep_mask's result. store: the (N, d) embeddings .npy, on a filesystem every worker sees; the clustering is saved
-    beside it once (order.npy, bounds.npy) and every bisection step's tasks read it from there. where: an
-    ExecutorConfig (ray_address, ray_worker_cpus)."""
-    store = Path(store)
-    order_file, bounds_file = store.with_name("order.npy"), store.with_name("bounds.npy")
-    sizes = np.array([len(m) for m in clusters], dtype=np.int64)
-    save_npy(order_file, np.concatenate(clusters) if clusters else np.zeros(0, dtype=np.int64))
-    save_npy(bounds_file, np.concatenate([[0], np.cumsum(sizes)]))
-    shards = cluster_shards(sizes, rows)
-
-    def mask(x: np.ndarray, clusters: list[np.ndarray], eps: float) -> np.ndarray:
-        fn = partial(keep_shard, str(store), str(order_file), str(bounds_file), float(eps))
-        parts = run_shards(
-            fn, shards, executor="ray", ray_address=where.ray_address, num_cpus=where.ray_worker_cpus, desc="semdedup"
-        )
-        keep = np.zeros(x.shape[0], dtype=bool)
-        for (start, stop), part in zip(shards, parts):
-            keep[np.concatenate(clusters[start:stop])] = part
-        return keep
-
-    return mask
-
-
 def find_eps(
-    x: np.ndarray, clusters: list[np.ndarray], target: float, iters: int = 25, mask: Callable = keep_mask
+    x: np.ndarray, clusters: list[np.ndarray], target: float, iters: int = 25, mask: Callable | None = None
 ) -> tuple[float, np.ndarray]:
     """Bisection on ε ∈ [0, 2] for a kept fraction close to `target`. -> (ε, keep mask) of the best ε visited.
-    mask(x, clusters, eps) -> (N,) bool computes each step's mask (keep_mask, or keep_mask_ray bound to its store)."""
+    mask(eps) -> (N,) bool computes each step's mask (default keep_mask(x, clusters, eps); the on-disk path passes
+    store_mask's)."""
+    mask = mask or partial(keep_mask, x, clusters)
     lo, hi = 0.0, 2.0  # ε = 0 drops only exact duplicates (cos > 1 never holds); ε = 2 keeps one point per cluster
     best = (np.inf, 0.0, None)
     for _ in range(iters):
         eps = (lo + hi) / 2
-        keep = mask(x, clusters, eps)
+        keep = mask(eps)
         frac = keep.mean()
         if abs(frac - target) < best[0]:
             best = (abs(frac - target), eps, keep)
@@ -319,10 +305,12 @@ class SemDeDup:
         """x: (N, d) unit embeddings of the whole pool -> (N,) bool keep mask. Sets labels_, centroids_, eps_,
         kept_fraction_.
 
-        x may be an .npy memmap: k-means reads its sample, the assignment ASSIGN_BATCH rows at a time and the greedy
-        rule one cluster's rows at a time, so RAM holds O(N) scalars (labels, cosines, visiting order), never x.
-        where: an ExecutorConfig; with executor=ray (x a memmap every worker can open) the clusters are de-duplicated
-        by Ray tasks, bitwise the local result."""
+        x in RAM: the clusters are read from it directly. x an .npy memmap (a store): k-means reads its sample, the
+        assignment runs in ASSIGN_BATCH-row shards, the rows are copied once into visiting order (sorted.npy beside
+        the store, with bounds.npy and centroids.npy) and every greedy pass reads whole clusters as contiguous
+        slices; RAM holds O(N) scalars (labels, cosines, visiting order, the mask), never x. Both give the same bits.
+        where: an ExecutorConfig; executor=ray (x a store every worker can open) runs the assignment shards and the
+        greedy shards as Ray tasks, bitwise the local result."""
         n = x.shape[0]
         c = self.n_clusters or max(1, int(round(np.sqrt(n))))
         if 0 < self.kmeans_sample < min(c, n):
@@ -331,16 +319,19 @@ class SemDeDup:
                 "raise kmeans_sample or lower n_clusters"
             )
         self.centroids_ = train_kmeans(x, c, self.seed, self.kmeans_iters, self.kmeans_sample)
-        self.labels_, cos = assign(x, self.centroids_, ASSIGN_BATCH)
+        on_disk = isinstance(x, np.memmap)
+        if _on_ray(where) and not on_disk:
+            raise ValueError("semdedup: executor=ray de-duplicates from a store the workers open; pass a memmap")
+        if on_disk:
+            self.labels_, cos = assign_store(x, self.centroids_, where)
+        else:
+            self.labels_, cos = assign(x, self.centroids_, ASSIGN_BATCH)
         clusters = cluster_order(self.labels_, cos)
-        mask = keep_mask
-        if where is not None and where.executor == "ray":
-            assert isinstance(x, np.memmap), "executor=ray de-duplicates from a store the workers open: pass a memmap"
-            mask = ray_keep_mask(Path(x.filename), clusters, where, SHARD_ROWS)
+        mask = store_mask(x, clusters, where) if on_disk else partial(keep_mask, x, clusters)
         if self.target_keep_fraction > 0:
             self.eps_, keep = find_eps(x, clusters, self.target_keep_fraction, mask=mask)
         else:
-            self.eps_, keep = self.eps, mask(x, clusters, self.eps)
+            self.eps_, keep = self.eps, mask(self.eps)
         self.keep_ = keep
         self.kept_fraction_ = float(keep.mean()) if n else 0.0
         return keep
@@ -405,7 +396,7 @@ class SemDeDup:
 
 
 # -----------------------------------------------------------------------------
-# IO: the pool pass into an on-disk store
+# IO: the pool pass into an on-disk store, and the de-duplication from it
 
 
 def embed_pool(est: SemDeDup, pool, chunks: list[tuple[int, int]], store: Path, where=None) -> np.memmap:
@@ -416,7 +407,7 @@ def embed_pool(est: SemDeDup, pool, chunks: list[tuple[int, int]], store: Path, 
 
     n = chunks[-1][1] if chunks else 0
     x = open_memmap(store, (n, est.embed_dim()), np.float32)
-    if where is not None and where.executor == "ray":
+    if _on_ray(where):
         worker = dict(est=est, pool_dir=str(Path(pool.path).resolve()), store=str(Path(store).resolve()))
         run_on_actors(
             EmbedWorker, worker, chunks, ray_address=where.ray_address, num_cpus=where.ray_worker_cpus, desc="semdedup"
@@ -444,3 +435,77 @@ class EmbedWorker:
 
         self.store[start:stop] = self.est.embed(read_items(self.pool, np.arange(start, stop, dtype=np.int64), "text"))
         self.store.flush()
+
+
+def assign_shard(store: str, centroids: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """assign_batch on the store's rows [start, stop) (a shard task: paths in, (B,) labels and cosines out)."""
+    c = np.load(centroids)
+    return assign_batch(np.load(store, mmap_mode="r")[start:stop], c)
+
+
+def assign_store(x: np.memmap, centroids: np.ndarray, where=None) -> tuple[np.ndarray, np.ndarray]:
+    """assign over an .npy store in ASSIGN_BATCH-row shards, here or as Ray tasks (the same batches: the same bits).
+    The centroids are saved beside the store for the tasks. -> (labels (N,) int64, cosines (N,) float32)."""
+    store = Path(x.filename)
+    save_npy(store.with_name("centroids.npy"), centroids)
+    fn = partial(assign_shard, str(store), str(store.with_name("centroids.npy")))
+    parts = _run(fn, plan_shards(x.shape[0], ASSIGN_BATCH), where, "semdedup assign")
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def sort_store(x: np.memmap, clusters: list[np.ndarray]) -> tuple[Path, Path]:
+    """Copy the store's rows into visiting order, cluster after cluster (sorted.npy beside it), and save the cluster
+    offsets (bounds.npy, (C + 1,) int64): every later pass reads each cluster as one contiguous slice. The store is
+    read once, one cluster at a time. -> (sorted.npy, bounds.npy)."""
+    store = Path(x.filename)
+    out = open_memmap(store.with_name("sorted.npy"), x.shape, np.float32)
+    sizes = np.array([len(m) for m in clusters], dtype=np.int64)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    for c, members in enumerate(clusters):
+        out[bounds[c] : bounds[c + 1]] = read_rows(x, members)
+    out.flush()
+    del out
+    save_npy(store.with_name("bounds.npy"), bounds)
+    return store.with_name("sorted.npy"), store.with_name("bounds.npy")
+
+
+def keep_shard(sorted_store: str, bounds: str, eps: float, start: int, stop: int) -> np.ndarray:
+    """The greedy rule in clusters [start, stop) of a sorted store (a shard task: paths in, a small mask out).
+    -> bool (bounds[stop] - bounds[start],), in visiting order."""
+    xs, b = np.load(sorted_store, mmap_mode="r"), np.load(bounds)
+    with threadpool_limits(limits=1, user_api="blas"):  # the bits of keep_mask, whatever this worker's cores
+        parts = [greedy_rows(np.asarray(xs[b[c] : b[c + 1]]), 1.0 - eps) for c in range(start, stop)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
+def store_mask(x: np.memmap, clusters: list[np.ndarray], where=None) -> Callable[[float], np.ndarray]:
+    """keep_mask for an .npy store: the rows are sorted into visiting order once (sort_store), then each call
+    mask(eps) runs the greedy rule in shards of about SHARD_ROWS rows of whole clusters, here or as Ray tasks;
+    bitwise keep_mask(x, clusters, eps)."""
+    sorted_store, bounds = sort_store(x, clusters)
+    shards = cluster_shards(np.array([len(m) for m in clusters], dtype=np.int64), SHARD_ROWS)
+    order = np.concatenate(clusters) if clusters else np.zeros(0, dtype=np.int64)  # (N,): visiting order
+
+    def mask(eps: float) -> np.ndarray:
+        fn = partial(keep_shard, str(sorted_store), str(bounds), float(eps))
+        keep = np.zeros(x.shape[0], dtype=bool)
+        keep[order] = np.concatenate(_run(fn, shards, where)) if shards else []  # 25 steps: no bar each
+        return keep
+
+    return mask
+
+
+def _on_ray(where) -> bool:
+    return where is not None and where.executor == "ray"
+
+
+def _run(fn: Callable, shards: list[tuple[int, int]], where, desc: str | None = None) -> list:
+    """fn(start, stop) of every shard, in shard order: a local loop (with a progress bar if `desc`), or Ray tasks
+    with where's address and CPUs."""
+    if not _on_ray(where):
+        return run_shards(fn, shards, desc=desc) if desc else [fn(start, stop) for start, stop in shards]
+    return run_shards(
+        fn, shards, executor="ray", ray_address=where.ray_address, num_cpus=where.ray_worker_cpus, desc=desc
+    )
