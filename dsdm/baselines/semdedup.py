@@ -70,7 +70,8 @@ def train_kmeans(x: np.ndarray, n_clusters: int, seed: int, niter: int = 20, sam
     import faiss
 
     rows = kmeans_rows(x.shape[0], sample, seed)
-    train = np.ascontiguousarray(x if rows is None else x[rows], dtype=np.float32)  # (S, d): the one copy in RAM
+    # (S, d): a sample is copied into RAM (sorted rows: one sweep); every row of a memmap is read through the map
+    train = np.ascontiguousarray(x if rows is None else x[rows], dtype=np.float32)
     n_clusters = max(1, min(n_clusters, train.shape[0]))
     km = faiss.Kmeans(
         train.shape[1],
