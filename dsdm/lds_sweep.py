@@ -287,6 +287,36 @@ def sweep(
     return rows
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """One line per variant, one column per task: "LDS (p)", and with selection arms "; Δ top-k" = the top-k arm's
+    holdout loss minus the random arms' mean (negative = the selection beats random), then the random arms' s.e."""
+    tasks = list(dict.fromkeys(r["target"] for r in rows))
+    by = {(r["variant"], r["target"]): r for r in rows}
+    arms = any(r.get("topk_loss", "") != "" for r in rows)
+    head = "| variant | " + " | ".join(tasks) + " |\n|---|" + "---:|" * len(tasks)
+    lines = [head]
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        cells = []
+        for t in tasks:
+            r = by.get((name, t))
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{r['lds']:+.3f} ({r['p']:.2g})"
+            if arms and r.get("topk_loss", "") != "":
+                cell += f"; Δ {r['topk_loss'] - r['random_loss']:+.3f}"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if arms:
+        first = {t: by[next(n for n, tt in by if tt == t), t] for t in tasks}
+        lines.append(
+            "| random arms: loss ± s.e. | "
+            + " | ".join(f"{first[t]['random_loss']:.3f} ± {first[t]['random_loss_se']:.3f}" for t in tasks)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def _summary(rows: list[dict]) -> str:
     """'task LDS [top-k loss - random loss]' per row, for the log."""
     parts = []

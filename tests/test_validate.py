@@ -157,8 +157,12 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
         "bal: {select: {rule: balanced, by: source}}\n"
     )
     assert main(sweep + ["--out", str(run / "sweep-arms")] + arms) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out
     rows = {(r["variant"], r["target"]): r for r in csv.DictReader(open(run / "sweep-arms" / "sweep.csv"))}
+    d = rows["default", "cooking"]
+    delta = float(d["topk_loss"]) - float(d["random_loss"])
+    assert f"| default | {float(d['lds']):+.3f} ({float(d['p']):.2g}); Δ {delta:+.3f} |" in printed
+    assert f"| random arms: loss ± s.e. | {float(d['random_loss']):.3f} ± " in printed
     n = len(np.load(run / "lds" / "scores.npy"))
     assert {r["k"] for r in rows.values()} == {str(round(0.2 * n))}
     assert rows["same", "sports"]["topk_loss"] == rows["default", "sports"]["topk_loss"]

@@ -249,7 +249,7 @@ def _rescore(args) -> int:
 
 
 def _sweep(args) -> int:
-    from dsdm.lds_sweep import SweepConfig, read_variants, sweep
+    from dsdm.lds_sweep import SweepConfig, markdown_table, read_variants, sweep
 
     cfg = config_from_args(SweepConfig, args)
     features = {}
@@ -260,8 +260,6 @@ def _sweep(args) -> int:
         features[name] = path
     variants = read_variants(args.variants) if args.variants else None
     rows = sweep(args.lds, features, args.out, cfg, variants)
-    print("| variant | target | LDS | p | LDS (holdout) |\n|---|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['target']} | {r['lds']:+.3f} | {r['p']:.2g} | {r['lds_holdout']:+.3f} |")
+    print(markdown_table(rows))
     print(f"{args.out}/sweep.csv")
     return 0
