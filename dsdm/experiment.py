@@ -578,6 +578,8 @@ class Context:
             if cls.estimator_scores:
                 opts["scores"] = str(self.out / scores_file)
             est = make(cell.method, opts)
+            if getattr(est, "group_column", ""):  # DsDm's balanced top-k reads a pool metadata column
+                est.fit(pool=self.pool)
             s = np.load(self.out / scores_file)
             if s.shape != (len(self.pool),):
                 raise ValueError(f"{self.out / scores_file}: shape {s.shape}, expected ({len(self.pool)},)")

@@ -37,8 +37,9 @@ def _doc(rng, vocab, n=40):
     return " ".join(words.tolist())
 
 
-def _build_pool(path, texts):
-    """A pool whose tokenizer is a whitespace word-level vocabulary (decode joins words with spaces)."""
+def _build_pool(path, texts, sources=None):
+    """A pool whose tokenizer is a whitespace word-level vocabulary (decode joins words with spaces); every example's
+    source is "s" unless `sources` gives one per text."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(sorted({w for t in texts for w in t.split()} | {"[UNK]"}))}
@@ -47,7 +48,7 @@ def _build_pool(path, texts):
     tok.save(str(path.parent / f"{path.name}-tokenizer.json"))
     w = PoolWriter(path, vocab_size=len(vocab))
     for i, t in enumerate(texts):
-        w.add(np.asarray(tok.encode(t).ids), doc_id=f"d{i}", source="s")
+        w.add(np.asarray(tok.encode(t).ids), doc_id=f"d{i}", source=sources[i] if sources else "s")
     w.close(
         {"seq_len": 64, "mode": "document", "eos_id": 0},
         {"test": True},
@@ -233,6 +234,37 @@ def test_dsdm_score_files(tmp_path):
         make("dsdm", {})
     with pytest.raises(ValueError, match="unknown config key"):
         make("dsir", {"buckets": 5})
+
+
+def test_dsdm_selection_rules_tempered_and_balanced(tmp_path):
+    """rule=tempered is select.tempered_k on the same stream; rule=balanced (CLI: the pool's source column bound by
+    the driver) keeps each source's share; the inverse control applies the rule to the negated scores."""
+    from dsdm.cli import main
+    from dsdm.select import balanced_top_k, tempered_k
+
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=60).astype(np.float32)
+    np.save(tmp_path / "s.npy", s)
+    hot = make("dsdm", {"scores": str(tmp_path / "s.npy"), "rule": "tempered", "temperature": 2.0}).fit()
+    got = hot.select(hot.score(60), 10, np.random.default_rng(9))
+    np.testing.assert_array_equal(got, tempered_k(s, 10, 2.0, np.random.default_rng(9)))
+    with pytest.raises(ValueError, match="dsdm.rule"):
+        make("dsdm", {"scores": str(tmp_path / "s.npy"), "rule": "gumbel"})
+
+    sources = ["a"] * 40 + ["b"] * 15 + ["c"] * 5
+    pool = _build_pool(tmp_path / "pool", [_doc(rng, TOPIC) for _ in range(60)], sources)
+    task = _write_task(tmp_path / "task", [_doc(rng, TOPIC) for _ in range(4)])
+    base = ["--pool", str(pool.path), "--target", str(task), "--k", "12", "--set", f"scores={tmp_path / 's.npy'}"]
+    groups = np.array(sources)
+    for name, sign in (("dsdm", 1), ("dsdm-inverse", -1)):
+        out = tmp_path / f"{name}-balanced"
+        assert main(["baseline", name, *base, "--set", "rule=balanced", "--out", str(out)]) == 0
+        expected = np.sort(balanced_top_k(sign * s.astype(np.float64), groups, 12))
+        assert np.load(out / "indices.npy").tolist() == expected.tolist()
+        assert np.bincount(np.searchsorted(["a", "b", "c"], groups[expected])).tolist() == [8, 3, 1]
+        assert "within each source" in json.loads((out / "selection.json").read_text())["rule"]
+    bad = ["baseline", "dsdm", *base, "--set", "rule=balanced", "--set", "balance_by=genre"]
+    assert main(bad + ["--out", str(tmp_path / "bad")]) == 2
 
 
 # --- the driver and the CLI ----------------------------------------------------------------------------------------

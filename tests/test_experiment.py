@@ -170,6 +170,18 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path, capsys):
     # a changed setting is refused, naming the key
     assert main(["experiment", str(resolved), "--out", str(out), "--set", "method_options.dsir.num_buckets=99"]) == 2
 
+    # DsDm's balanced rule through the runner: --force redoes the dsdm selections (the pool's source column bound by
+    # the selection stage), which keep the pool's composition
+    from dsdm.pool import Pool
+    from dsdm.select import balanced_top_k
+
+    balanced = ["--set", "method_options.dsdm.rule=balanced", "--force"]
+    assert main(["experiment", str(resolved), "--out", str(out)] + balanced) == 0
+    sources = np.asarray(Pool(tmp_path / "pool").column("source").to_pylist())
+    cell = next(c for c in cells if c.method == "dsdm" and c.target == "cooking")
+    expected = np.sort(balanced_top_k(np.load(out / "scores" / "dsdm" / "cooking.npy"), sources, cell.k))
+    assert np.load(out / "selections" / cell.selection / "indices.npy").tolist() == expected.tolist()
+
 
 def test_task_specs_resolve_against_the_base_keeping_a_name_prefix(tmp_path):
     from dsdm.experiment import resolve_paths

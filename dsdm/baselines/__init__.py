@@ -150,7 +150,8 @@ def fit_and_score(
     if est.targeted and kind != "none" and not targets:
         raise ValueError(f"{type(est).__name__} is targeted: pass at least one --target TASK")
     if kind == "none":  # random draws its scores from the stream; a DsDm score file is read
-        est.fit(rng=numpy_rng((seed, 1)))
+        # a rule that reads a pool metadata column (DsDm's balanced top-k) binds it here
+        est.fit(rng=numpy_rng((seed, 1)), **({"pool": pool} if getattr(est, "group_column", "") else {}))
         return est.score(n), {}
     sample_size = est.sample_size(len(targets), n)
     sample = np.sort(numpy_rng((seed, 0)).choice(n, size=sample_size, replace=False))
@@ -272,6 +273,16 @@ def run(
     return record
 
 
+def _dsdm_rule(est, end: str) -> str:
+    """selection.json's rule of a DsDm registry entry (dsdm/baselines/dsdm_scores.py)."""
+    sign = "" if end == "top" else "minus "
+    if est.rule == "tempered":
+        return f"Gumbel sampling ∝ exp(z / {est.temperature:g}) of the standardized {sign}DsDm score"
+    if est.rule == "balanced":
+        return f"{end}-k of the DsDm score within each {est.balance_by}, quotas ∝ the pool's composition"
+    return f"{end}-k of the DsDm score"
+
+
 RULES = {
     "random": lambda est: "top-k of i.i.d. uniform scores (uniform without replacement)",
     "dsir": lambda est: "top-k of log w" if est.top_k else "Gumbel top-k of log w (sampling without replacement ∝ w)",
@@ -279,6 +290,6 @@ RULES = {
         f"top-k of p + Pareto(alpha={est.pareto_alpha}) draws" if est.pareto_alpha else "top-k of the log-odds"
     ),
     "semdedup": lambda est: "uniform k from the kept set",
-    "dsdm": lambda est: "top-k of the DsDm score",
-    "dsdm-inverse": lambda est: "bottom-k of the DsDm score (inverse control)",
+    "dsdm": lambda est: _dsdm_rule(est, "top"),
+    "dsdm-inverse": lambda est: _dsdm_rule(est, "bottom") + " (inverse control)",
 }

@@ -1,6 +1,11 @@
 """DsDm and its inverse control as registry entries: read a score file written by the estimator (`dsdm score`), an
 (N,) float32 .npy with larger = more helpful (dsdm/select.py states the convention), then top-k (DsDm, the paper's
 rule) or bottom-k (the paper's "least preferred examples" control). Nothing is fitted here; the estimator did it.
+
+Two other rules (docs/estimator.md, round 3): `rule: tempered` samples k without replacement with p ∝ exp(z / T) of
+the standardized scores (DATE-LM's Gumbel-temperature selection), `rule: balanced` keeps the top of each group of
+the pool metadata column `balance_by` (e.g. source) in proportion to the group's share of the pool. The inverse
+control applies the same rule to the negated scores.
 """
 
 from __future__ import annotations
@@ -9,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from dsdm.select import bottom_k, top_k
+from dsdm.select import balanced_top_k, tempered_k, top_k
 
 
 @dataclass
@@ -21,6 +27,12 @@ class DsdmScores:
     """Path of the (N,) .npy DsDm score vector written by `dsdm score` (larger = more helpful)."""
     inverse: bool = False
     """True: keep the k LOWEST scores (the inverse control)."""
+    rule: str = "top_k"
+    """top_k (the paper's rule) | tempered (sample ∝ exp(z / temperature)) | balanced (top-k per balance_by group)."""
+    temperature: float = 0.5
+    """rule=tempered: the temperature in units of the scores' standard deviation (-> 0: top-k; -> inf: uniform)."""
+    balance_by: str = "source"
+    """rule=balanced: the pool metadata column whose groups keep their share of the pool."""
 
     input = "none"
     targeted = True  # the target was fixed when the scores were computed
@@ -30,6 +42,10 @@ class DsdmScores:
     scores_file = "scores.npy"
 
     def __post_init__(self):
+        if self.rule not in ("top_k", "tempered", "balanced"):
+            raise ValueError(f"dsdm.rule must be top_k, tempered or balanced; got {self.rule!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"dsdm.temperature must be > 0, got {self.temperature}")
         if not self.scores:
             raise ValueError(
                 "dsdm baselines need a score file: pass --set scores=RUN/scores/<target>.npy (written by `dsdm score`)"
@@ -38,7 +54,18 @@ class DsdmScores:
     def requires(self) -> dict[str, str]:
         return {}
 
-    def fit(self, target_texts=None, pool_sample=None, rng=None) -> "DsdmScores":
+    @property
+    def group_column(self) -> str:
+        """The pool metadata column select() needs (bound by fit(pool=...)); "" when the rule needs none."""
+        return self.balance_by if self.rule == "balanced" else ""
+
+    def fit(self, target_texts=None, pool_sample=None, rng=None, pool=None) -> "DsdmScores":
+        if self.group_column:
+            if pool is None:
+                raise ValueError("dsdm rule=balanced needs the pool: fit(pool=...) binds its group column")
+            if self.group_column not in pq.read_schema(pool.path / "meta.parquet").names:
+                raise ValueError(f"dsdm.balance_by={self.group_column!r} is not a column of {pool.path}/meta.parquet")
+            self.groups_ = np.asarray(pool.column(self.group_column).to_pylist(), dtype=object).astype(str)
         path = Path(self.scores)
         if not path.exists():
             raise FileNotFoundError(f"DsDm score file not found: {path}; compute it with `dsdm score`")
@@ -59,7 +86,14 @@ class DsdmScores:
         return self.scores_
 
     def select(self, scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-        return bottom_k(scores, k) if self.inverse else top_k(scores, k)
+        scores = -np.asarray(scores, dtype=np.float64) if self.inverse else scores  # bottom-k = top-k of -s
+        if self.rule == "tempered":
+            return tempered_k(scores, k, self.temperature, rng)
+        if self.rule == "balanced":
+            if not hasattr(self, "groups_"):
+                raise ValueError("dsdm rule=balanced: call fit(pool=...) before select to bind the group column")
+            return balanced_top_k(scores, self.groups_, k)
+        return top_k(scores, k)
 
 
 @dataclass
