@@ -186,9 +186,9 @@ def selection_rule(spec: dict | None, pool: Pool, name: str):
         return lambda scores, k: tempered_k(scores, k, temperature, numpy_rng((0, 2)))
     if rule == "balanced":
         column = spec.get("by", "source")
-        if column not in pool.meta.column_names:
+        if column not in pool.meta_columns:
             raise ValueError(f"variant {name}: select.by={column!r} is not a column of {pool.path}/metadata")
-        groups = np.asarray(pool.meta.column(column).to_pylist(), dtype=object).astype(str)
+        groups, _ = pool.codes(column)  # int codes that sort like the labels: the same groups and group order
         return lambda scores, k: balanced_top_k(scores, groups, k)
     return top_k
 
