@@ -458,7 +458,7 @@ def _write_documents(pool_dir, idx: np.ndarray, scores: np.ndarray, out_dir: Pat
     if pool_dir is None:
         raise ValueError("the score file has no sidecar naming its pool; cannot write documents")
     pool = Pool(pool_dir)
-    meta = pool.meta.take(pa.array(idx)).to_pydict()
+    meta = {name: pool.column(name, idx) for name in ("doc_id", "source")}  # only the selected rows
     table = pa.table(
         {
             "rank": np.arange(idx.size),

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from dsdm.baselines import METHODS, fit_and_score, make, target_texts
 from dsdm.common import log, numpy_rng, resolve_device
@@ -187,9 +186,9 @@ def selection_rule(spec: dict | None, pool: Pool, name: str):
         return lambda scores, k: tempered_k(scores, k, temperature, numpy_rng((0, 2)))
     if rule == "balanced":
         column = spec.get("by", "source")
-        if column not in pq.read_schema(pool.path / "meta.parquet").names:
+        if column not in pool.meta_columns:
             raise ValueError(f"variant {name}: select.by={column!r} is not a column of {pool.path}/meta.parquet")
-        groups = np.asarray(pool.column(column).to_pylist(), dtype=object).astype(str)
+        groups, _ = pool.codes(column)  # int codes that sort like the labels: the same groups and group order
         return lambda scores, k: balanced_top_k(scores, groups, k)
     return top_k
 

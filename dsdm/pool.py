@@ -7,6 +7,7 @@ Layout of a pool directory (written by `PoolWriter`, read by `Pool`):
     tokens.bin     every example's tokens back to back, one flat array (uint16 if the vocabulary fits, else uint32)
     offsets.npy    (N+1,) int64: example i is tokens[offsets[i]:offsets[i+1]]
     meta.parquet   one row per example: example_id, doc_id, source, length, content_hash (+ kept input columns)
+                   in row groups of META_BATCH_ROWS rows; read by column and row group, never whole
     tokenizer.json the tokenizer that produced the ids (Hugging Face `tokenizers` format)
     _done.json     completion marker, written last: a directory without it is not a pool
 
@@ -19,12 +20,14 @@ import hashlib
 import os
 import shutil
 import time
+from collections import Counter
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dsdm.io import DONE_FILE, atomic_path, mark_done, read_json, write_json
@@ -51,7 +54,8 @@ def pad_batch(rows: list[np.ndarray], pad_to: int | None = None, pad_id: int = 0
 
 
 class Pool:
-    """Read-only view of a pool directory. len(pool), pool[i] -> (L_i,) token array (a memmap view), pool.meta."""
+    """Read-only view of a pool directory. len(pool), pool[i] -> (L_i,) token array (a memmap view);
+    pool.column(name, rows), pool.value_counts(name, rows), pool.codes(name) read metadata by column and row group."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -104,15 +108,100 @@ class Pool:
         return np.diff(np.asarray(self.offsets))
 
     @cached_property
+    def _meta_footer(self) -> pq.FileMetaData:
+        """The meta.parquet footer (schema and row groups); no rows are read."""
+        return pq.read_metadata(self.path / "meta.parquet")
+
+    @cached_property
+    def _meta_starts(self) -> np.ndarray:
+        """(G+1,) int64: the first row of each meta.parquet row group, then the row count."""
+        sizes = [self._meta_footer.row_group(g).num_rows for g in range(self._meta_footer.num_row_groups)]
+        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    @property
+    def meta_columns(self) -> list[str]:
+        """Names of the metadata columns, from the Parquet footer."""
+        return self._meta_footer.schema.to_arrow_schema().names
+
+    @property
     def meta(self) -> pa.Table:
-        """Per-example metadata (example_id, doc_id, source, length, content_hash, ...), row i = example i."""
+        """The whole metadata table in memory, for tests and small pools. Library code uses `column`,
+        `value_counts` and `codes`, which hold one column of one row group at a time (plus their result)."""
         return pq.read_table(self.path / "meta.parquet")
 
-    def column(self, name: str) -> pa.ChunkedArray:
-        """One metadata column, read alone (the other columns are never loaded)."""
-        if self.__dict__.get("meta") is not None:
-            return self.meta.column(name)
-        return pq.read_table(self.path / "meta.parquet", columns=[name]).column(name)
+    def column(self, name: str, rows=None) -> pa.ChunkedArray:
+        """Metadata column `name`, for every row or for `rows` (an int index array or a range, in that order,
+        repeats allowed). Reads only that column of the row groups holding those rows."""
+        pieces = list(self._meta_pieces(name, rows))
+        if rows is None:
+            return pa.chunked_array([v for _, v in pieces], type=self._meta_type(name))
+        if not pieces:
+            return pa.chunked_array([], type=self._meta_type(name))
+        positions = np.concatenate([p for p, _ in pieces])  # (n,) where each value of `values` goes
+        values = pa.concat_arrays([v for _, v in pieces])
+        inverse = np.empty_like(positions)
+        inverse[positions] = np.arange(positions.size)
+        return pa.chunked_array([values.take(pa.array(inverse))])
+
+    def value_counts(self, name: str, rows=None) -> dict[str, int]:
+        """{str(value): count} of column `name` over every row or over `rows`, sorted by key. Streams one row group
+        at a time; only the distinct values of each become Python strings (str(None) = "None" for nulls)."""
+        counts: Counter[str] = Counter()
+        for _, values in self._meta_pieces(name, rows):
+            for c in pc.value_counts(values).to_pylist():
+                counts[str(c["values"])] += int(c["counts"])
+        return dict(sorted(counts.items()))
+
+    def codes(self, name: str, rows=None) -> tuple[np.ndarray, list[str]]:
+        """(codes (n,) int32, labels) with labels[codes[i]] == str(column `name` at row i, or rows[i]) and labels
+        sorted: the integer codes sort like the string labels, so np.unique-based grouping is unchanged."""
+        n = len(self) if rows is None else len(rows)
+        codes = np.zeros(n, dtype=np.int32)
+        first_seen: dict[str, int] = {}  # label -> provisional code, in order of first appearance
+        start = 0
+        for positions, values in self._meta_pieces(name, rows):
+            enc = pc.dictionary_encode(values, null_encoding="encode")
+            ids = [first_seen.setdefault(str(v), len(first_seen)) for v in enc.dictionary.to_pylist()]
+            piece = np.asarray(ids, dtype=np.int32)[enc.indices.to_numpy(zero_copy_only=False)]
+            if positions is None:
+                codes[start : start + len(piece)] = piece
+                start += len(piece)
+            else:
+                codes[positions] = piece
+        labels = sorted(first_seen)
+        rank = {label: r for r, label in enumerate(labels)}
+        remap = np.asarray([rank[label] for label in first_seen], dtype=np.int32)
+        return (remap[codes] if remap.size else codes), labels
+
+    def _meta_type(self, name: str) -> pa.DataType:
+        return self._meta_footer.schema.to_arrow_schema().field(name).type
+
+    def _meta_pieces(self, name: str, rows=None) -> Iterator[tuple[np.ndarray | None, pa.Array]]:
+        """(positions, values) per meta.parquet row group that `rows` touches, reading column `name` only.
+
+        rows None: every row group in order, positions None. rows an index array (n,): values[j] is the column at
+        rows[positions[j]], and the positions of all pieces together are 0..n-1 once each."""
+        if name not in self.meta_columns:
+            raise KeyError(f"{self.path}/meta.parquet has no column {name!r}; it has {self.meta_columns}")
+        pf = pq.ParquetFile(self.path / "meta.parquet", metadata=self._meta_footer)
+        starts = self._meta_starts
+        if rows is None:
+            for g in range(starts.size - 1):
+                yield None, pf.read_row_group(g, columns=[name]).column(0).combine_chunks()
+            return
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1:
+            raise ValueError(f"meta rows must be a 1-D index array, got shape {rows.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"meta rows must lie in [0, {len(self)}); got {rows.min()}..{rows.max()}")
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        group = np.searchsorted(starts, ordered, side="right") - 1  # (n,) row group of each sorted row
+        cuts = np.flatnonzero(np.diff(group)) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, rows.size]) if rows.size else ():
+            g = int(group[lo])
+            values = pf.read_row_group(g, columns=[name]).column(0)
+            yield order[lo:hi], values.take(pa.array(ordered[lo:hi] - starts[g])).combine_chunks()
 
     @cached_property
     def tokenizer(self):
@@ -142,8 +231,9 @@ class PoolWriter:
     """Stream examples into a new pool directory with bounded memory; `close()` publishes it.
 
     Everything is written under `<out>/.building/` and moved into place by close(); `_done.json` comes last, so an
-    interrupted build never looks finished. Meta rows are flushed to Parquet every META_BATCH_ROWS rows; offsets
-    are streamed to a raw file and converted to .npy at the end.
+    interrupted build never looks finished. Meta rows are flushed to Parquet every META_BATCH_ROWS rows, one row
+    group per flush, so `Pool.column(name, rows)` can skip the row groups it does not need; offsets are streamed to
+    a raw file and converted to .npy at the end.
     """
 
     def __init__(self, out_dir: str | Path, vocab_size: int, extra_meta_columns: dict[str, pa.DataType] | None = None):
@@ -202,7 +292,8 @@ class PoolWriter:
 
     def _flush_meta(self) -> None:
         if self._meta_rows["example_id"]:
-            self._meta_writer.write_table(pa.table(self._meta_rows, schema=self.schema))
+            table = pa.table(self._meta_rows, schema=self.schema)
+            self._meta_writer.write_table(table, row_group_size=META_BATCH_ROWS)  # one row group per flush
             self._meta_rows = {name: [] for name in self.schema.names}
 
     def close(

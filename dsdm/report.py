@@ -460,20 +460,25 @@ def case_study(out: Path, scores: dict[str, np.ndarray], n: int, chars: int) -> 
         pool = Pool(pool_dir)
     except FileNotFoundError:
         return []
-    sources = pool.meta.column("source").to_pylist()
-    out_rows = []
+    shown = {}  # score file -> (scores, top n indices, bottom n indices worst first, finite count)
     for name, s in sorted(scores.items()):
         if s.dtype == bool or s.shape[0] != len(pool):
             continue
         order = np.argsort(-s, kind="stable")
         finite = order[np.isfinite(s[order])]
+        shown[name] = (s, finite[:n], finite[::-1][:n], len(finite))
+    # the source of the shown rows only: a few row groups of one column, not the whole metadata table
+    rows = np.unique(np.concatenate([np.r_[top, bottom] for _, top, bottom, _ in shown.values()] or [[]]))
+    sources = dict(zip(rows.tolist(), pool.column("source", rows.astype(np.int64)).to_pylist()))
+    out_rows = []
+    for name, (s, top_idx, bottom_idx, count) in shown.items():
 
         def row(rank, i):
             text = " ".join(pool.decode(int(i)).split())
             return rank, int(i), sources[int(i)], float(s[i]), text[:chars] + ("…" if len(text) > chars else "")
 
-        top = [row(r + 1, i) for r, i in enumerate(finite[:n])]
-        bottom = [row(len(finite) - r, i) for r, i in enumerate(finite[::-1][:n])]
+        top = [row(r + 1, i) for r, i in enumerate(top_idx)]
+        bottom = [row(count - r, i) for r, i in enumerate(bottom_idx)]
         out_rows.append((name, top, bottom))
     return out_rows
 

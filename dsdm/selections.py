@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 
 from dsdm.io import read_json, save_npy, write_json
 
@@ -28,11 +27,9 @@ ORDERS = ("ascending", "best-first")
 
 
 def composition(pool, indices: np.ndarray) -> dict[str, int]:
-    """{source: number of selected examples}, sorted by source; reads only the pool's `source` column."""
-    if indices.size == 0:
-        return {}
-    counts = pc.value_counts(pool.column("source").take(indices)).to_pylist()
-    return {str(c["values"]): int(c["counts"]) for c in sorted(counts, key=lambda c: str(c["values"]))}
+    """{source: number of selected examples}, sorted by source; streams the `source` column of the row groups
+    holding `indices` (Pool.value_counts), so no per-example Python string is made."""
+    return pool.value_counts("source", indices)
 
 
 def write(

@@ -199,8 +199,8 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         "features": str(features_dir),
         "config": vars(cfg),
     }
-    if "source" in pool.meta.column_names:
-        sources = np.asarray(pool.meta.column("source").to_pylist(), dtype=object).astype(str)
+    if "source" in pool.meta_columns:
+        sources, _ = pool.codes("source")  # int codes that sort like the labels: the same groups
         record["lds_target_by_source"] = lds_by_group(scores, sources, subsets, target_losses)
     log(f"LDS (Spearman, predicted helpfulness vs -target loss, {cfg.subsets} subsets): {record['lds_target']:.3f}")
     if cfg.sanity_fraction > 0:

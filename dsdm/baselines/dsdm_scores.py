@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from dsdm.select import balanced_top_k, tempered_k, top_k
 
@@ -63,9 +62,9 @@ class DsdmScores:
         if self.group_column:
             if pool is None:
                 raise ValueError("dsdm rule=balanced needs the pool: fit(pool=...) binds its group column")
-            if self.group_column not in pq.read_schema(pool.path / "meta.parquet").names:
+            if self.group_column not in pool.meta_columns:
                 raise ValueError(f"dsdm.balance_by={self.group_column!r} is not a column of {pool.path}/meta.parquet")
-            self.groups_ = np.asarray(pool.column(self.group_column).to_pylist(), dtype=object).astype(str)
+            self.groups_, _ = pool.codes(self.group_column)  # codes sort like the labels: the same quotas
         path = Path(self.scores)
         if not path.exists():
             raise FileNotFoundError(f"DsDm score file not found: {path}; compute it with `dsdm score`")

@@ -115,12 +115,14 @@ def info(args) -> int:
     width = max((c for _, _, c in length_histogram(pool.lengths)), default=1)
     for lo, hi, c in length_histogram(pool.lengths):
         print(f"{lo:>5}-{hi:<5} {c:>9,}  {'#' * round(40 * c / max(width, 1))}")
-    sources = np.asarray(pool.meta.column("source").to_pylist(), dtype=object)
+    codes, labels = pool.codes("source")  # (N,) int32, streamed by row group: no Python string per example
+    examples = dict(zip(labels, np.bincount(codes, minlength=len(labels)).tolist()))
+    weighted = np.bincount(codes, weights=pool.lengths, minlength=len(labels))  # float64: exact below 2**53 tokens
+    tokens = dict(zip(labels, weighted.tolist()))
     docs = m.get("sources", {})
     print(f"\n{'source':24s} {'docs':>10s} {'doc tokens':>12s} {'examples':>10s} {'tokens':>12s}")
-    for s in sorted(set(sources.tolist()) | set(docs)):
-        mask = sources == s
+    for s in sorted(set(labels) | set(docs)):
         d = docs.get(s, {})
-        print(f"{s[:24]:24s} {d.get('docs', 0):>10,} {d.get('tokens', 0):>12,} {int(mask.sum()):>10,} "
-              f"{int(pool.lengths[mask].sum()):>12,}")  # fmt: skip
+        print(f"{s[:24]:24s} {d.get('docs', 0):>10,} {d.get('tokens', 0):>12,} {examples.get(s, 0):>10,} "
+              f"{int(tokens.get(s, 0)):>12,}")  # fmt: skip
     return 0
