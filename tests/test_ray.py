@@ -29,7 +29,8 @@ except ImportError:
 needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed: pip install 'dsdm[ray]' (make test does)")
 
 FILES = ("features.npy", "q.npy", "done.npy", "gram.npy")
-CFG = dict(proj_dim=64, batch_size=3, shard_size=5, device="cpu")
+# 23 rows: 5 shards of 5, Gram groups of 2 shards (rows 0-10, 10-20, 20-23), so slices and actors split groups
+CFG = dict(proj_dim=64, batch_size=3, shard_size=5, gram_group=2, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +77,20 @@ def featurize_args(root: Path, out: str) -> list[str]:
 
 def test_slices_in_separate_processes_then_finalize_equal_one_local_run(setup):
     """Three jobs started together on one store (--shard-index I --num-shards 3), then --finalize: bitwise the
-    local run. The jobs race to create the store: the exclusive init must keep one set of arrays."""
+    local run. The jobs race to create the store: the exclusive init must keep one set of arrays. Slices split the
+    Gram groups (shards 0 | 1-2 | 3-4 against groups 0-1 | 2-3 | 4): whichever finishes a group's last shard writes
+    its partial, at most one per group; --finalize alone sums them and deletes them."""
     jobs = [dsdm(*featurize_args(setup, "sliced"), "--shard-index", str(i), "--num-shards", "3") for i in range(3)]
     for job in jobs:
         assert job.wait(timeout=300) == 0, job.stderr.read()
-    assert not (setup / "sliced" / "_done.json").exists() or (setup / "sliced" / "proxy_0" / "gram.npy").exists()
+    for m in range(2):
+        store = setup / "sliced" / f"proxy_{m}"
+        assert not (store / "gram.npy").exists() and not (store / "_done.json").exists()
+        assert len(list((store / "grams").glob("*.npy"))) == 3  # = ceil(5 shards / 2): every group reduced once
     fin = dsdm(*featurize_args(setup, "sliced"), "--finalize")
     assert fin.wait(timeout=300) == 0, fin.stderr.read()
     assert_same_stores(setup / "local", setup / "sliced")
-    assert (setup / "sliced" / "_done.json").exists()
+    assert (setup / "sliced" / "_done.json").exists() and not (setup / "sliced" / "proxy_0" / "grams").exists()
 
 
 def test_finalize_refuses_a_store_with_missing_shards(setup):
