@@ -360,8 +360,10 @@ def featurize_proxy(
         for a, b in groups:  # fixed order: the reduction is bitwise reproducible
             gram += np.load(_gram_path(store, a, b))
         save_npy(store / "gram.npy", gram)
+        # summed into gram.npy: the partials only cost disk now. Deleted before the record, so a finished store never
+        # keeps them; a kill in between makes the next run sum them again from the stored rows.
+        shutil.rmtree(store / "grams")
         mark_done(store, slice_, started=started, feature_dim=dim)
-        shutil.rmtree(store / "grams")  # summed into gram.npy: the partials only cost disk now
     return store
 
 

@@ -60,8 +60,8 @@ def assert_same_stores(a: Path, b: Path) -> None:
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"proxy_{m}/{name}"
 
 
-def dsdm(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "DSDM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+def dsdm(*args: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "DSDM_PROGRESS": "0", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "dsdm", *args], env=env, stderr=subprocess.PIPE, text=True)
 
 
@@ -101,6 +101,26 @@ def test_finalize_refuses_a_store_with_missing_shards(setup):
     err = fin.stderr.read()
     assert "shards are not featurized yet" in err and "--shard-index" in err, err
     assert not (setup / "half" / "proxy_0" / "gram.npy").exists()
+
+
+def test_featurize_killed_at_each_gram_write_resumes_to_the_same_files(setup, tmp_path):
+    """SIGKILL (DSDM_FAULT=kill@N) at each atomic write of proxy_0's Gram partials, gram.npy and record, then a plain
+    rerun: every file equals the local run's, and no partial is left behind (they are summed again from the stored
+    rows when a kill lost them)."""
+    count = tmp_path / "count"
+    env = {"DSDM_FAULT": f"count={count}"}
+    assert dsdm(*featurize_args(setup, str(tmp_path / "ref")), env=env).wait(timeout=300) == 0
+    writes = [int(n) for n, path in (line.split("\t", 1) for line in count.read_text().splitlines())
+              if "proxy_0/gram" in path or path.endswith("proxy_0/_done.json")]  # fmt: skip
+    assert len(writes) == 3 + 1 + 1, writes  # the 3 group partials, gram.npy, the record
+    for n in writes:
+        out = tmp_path / f"kill{n}"
+        job = dsdm(*featurize_args(setup, str(out)), env={"DSDM_FAULT": f"kill@{n}"})
+        assert job.wait(timeout=300) == -9, job.stderr.read()
+        job = dsdm(*featurize_args(setup, str(out)))
+        assert job.wait(timeout=300) == 0, job.stderr.read()
+        assert_same_stores(setup / "local", out)
+        assert not list(out.rglob("grams")), n
 
 
 def test_shard_slices_cover_the_plan_exactly():
