@@ -362,7 +362,8 @@ def featurize_proxy(
         save_npy(store / "gram.npy", gram)
         # summed into gram.npy: the partials only cost disk now. Deleted before the record, so a finished store never
         # keeps them; a kill in between makes the next run sum them again from the stored rows.
-        shutil.rmtree(store / "grams")
+        if (store / "grams").exists():  # (an empty pool has no group)
+            shutil.rmtree(store / "grams")
         mark_done(store, slice_, started=started, feature_dim=dim)
     return store
 
