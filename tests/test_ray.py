@@ -1,8 +1,10 @@
 """Scale-out of featurize: Ray actors on a local cluster (ray.init(num_cpus=2)), SLURM-style slices of one store in
 separate processes + --finalize, the store lock and sparse store files. Every scaled-out store must equal the local
 executor's, bitwise; so must DSIR and classifier scores computed chunk by chunk on Ray actors, and DsDm scores whose
-pool product runs block by block on Ray actors (`dsdm score`, experiment `score: {executor: ray}`). The Ray tests skip
-when Ray is not installed (pip install 'dsdm[ray]'; `make test` installs it).
+pool product runs block by block on Ray actors (`dsdm score`, experiment `score: {executor: ray}`), also when a worker
+is killed in the middle of a featurize shard, a score block or a DSIR chunk. Featurize killed at each Gram write
+resumes to the same files; slices leave one Gram partial per group. The Ray tests skip when Ray is not installed
+(pip install 'dsdm[ray]'; `make test` installs it).
 Run:
     .venv/bin/python -m pytest -q tests/test_ray.py
 """
@@ -424,3 +426,51 @@ def test_experiment_score_executor_ray_keeps_the_stage_key(micro, scored, cluste
     bad = load_experiment(micro_yaml, ["score.executor=spark"], base_dir=root)
     with pytest.raises(ValueError, match="score.executor must be local or ray"):
         check_stage_configs(bad)
+
+
+# -----------------------------------------------------------------------------
+# A Ray worker killed in the middle of a scoring task: the actor is restarted and its task retried (run_on_actors:
+# max_restarts, max_task_retries), so DsDm and DSIR scores still equal the local ones
+
+
+def kill_once(base: type, marker: Path, at: int) -> type:
+    """`base` (a run_on_actors worker) whose process SIGKILLs itself once, inside its call on the range starting at
+    row `at`, before it returns. Defined here, so Ray ships the subclass (and `marker`) by value."""
+
+    class KillOnceWorker(base):
+        def run(self, start, stop):
+            if start == at and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().run(start, stop)
+
+    return KillOnceWorker
+
+
+@needs_ray
+def test_a_ray_worker_killed_mid_block_still_yields_the_local_dsdm_scores(scored, cluster, tmp_path, monkeypatch):
+    from dsdm import datamodel
+
+    run, _ = scored
+    features = np.load(run / "features" / "proxy_0" / "features.npy", mmap_mode="r")
+    W = np.random.default_rng(2).standard_normal((features.shape[1], 3))
+    marker = tmp_path / "killed"
+    monkeypatch.setattr(datamodel, "RowBlockWorker", kill_once(datamodel.RowBlockWorker, marker, at=74))
+    got = datamodel.stream_scores_ray(features, W, datamodel.ScoreConfig(executor="ray", block=37))
+    assert marker.exists()  # a worker died mid-block; its block was redone by a restarted actor
+    assert got.tobytes() == datamodel.stream_scores(features, W, 37).tobytes()
+
+
+@needs_ray
+def test_a_ray_worker_killed_mid_chunk_still_yields_the_local_dsir_scores(micro, cluster, tmp_path, monkeypatch):
+    import dsdm.baselines as B
+
+    root, targets = micro
+    pool = Pool(root / "pool")
+    local, local_info = B.fit_and_score(B.make("dsir", {"num_buckets": 512}), pool, targets, 0)
+    marker = tmp_path / "killed"
+    monkeypatch.setattr(B, "ChunkWorker", kill_once(B.ChunkWorker, marker, at=74))
+    where = B.ExecutorConfig(executor="ray", chunk_size=37)
+    scaled, info = B.fit_and_score(B.make("dsir", {"num_buckets": 512}), pool, targets, 0, where)
+    assert marker.exists()
+    assert scaled.tobytes() == local.tobytes() and info == local_info
