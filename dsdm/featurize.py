@@ -179,7 +179,7 @@ def featurize_shard(
     partial (reduce_group); a group left unreduced (a race, a kill) is reduced by the next featurize or --finalize."""
     feats = np.load(store / "features.npy", mmap_mode="r+")
     q = np.load(store / "q.npy", mmap_mode="r+")
-    done = np.load(store / "done.npy", mmap_mode="r+")
+    done = np.load(store / "done.npy", mmap_mode="r")
     if done[start:stop].all():
         return "skipped"
     on_device = torch.device(device).type != "cpu"
@@ -201,13 +201,24 @@ def featurize_shard(
             bar.update(len(idx))
     feats.flush()
     q.flush()
-    done[start:stop] = True
-    done.flush()
+    _set_done(store / "done.npy", done.offset, start, stop)
     if gram_group is not None:
         a, b = group_of(start, shard_size, gram_group, len(done))
         if done[a:b].all() and not _gram_path(store, a, b).exists():
             reduce_group(store, a, b, shard_size, device, gram)
     return "done"
+
+
+def _set_done(path: Path, offset: int, start: int, stop: int) -> None:
+    """done[start:stop] = True by a byte-range write and fsync, not through a memmap: the done bits are the shards'
+    completion record, and a memmap writes back whole pages (on NFS, a page shared with another machine's shard could
+    be overwritten with its stale bytes). offset: where the .npy data starts."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\x01" * (stop - start), offset + start)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def group_of(row: int, shard_size: int, gram_group: int, n: int) -> tuple[int, int]:
