@@ -298,7 +298,12 @@ def featurize_proxy(
         return store
     with store_lock(store, shared=num_shards is not None and not finalize):
         started = time.time()
-        _refuse_old_layout(store)
+        if _old_layout(store):
+            log(
+                f"{store}: partly filled by an older dsdm (store format 1, a Gram file per shard in shards/); "
+                f"resuming it from its done rows as format {STORE_VERSION} (Grams summed from features.npy, shards/ "
+                "deleted at the end)"
+            )
         plan = plan_shards(len(pool), cfg.shard_size)
         groups = plan_shards(len(pool), cfg.shard_size * cfg.gram_group)
         if finalize:
@@ -373,8 +378,9 @@ def featurize_proxy(
         save_npy(store / "gram.npy", gram)
         # summed into gram.npy: the partials only cost disk now. Deleted before the record, so a finished store never
         # keeps them; a kill in between makes the next run sum them again from the stored rows.
-        if (store / "grams").exists():  # (an empty pool has no group)
-            shutil.rmtree(store / "grams")
+        for folder in ("grams", "shards"):  # shards/: a format-1 store's Gram files (an empty pool has neither)
+            if (store / folder).exists():
+                shutil.rmtree(store / folder)
         mark_done(store, slice_, started=started, feature_dim=dim)
     return store
 
@@ -462,15 +468,12 @@ def _gram_path(store: Path, start: int, stop: int) -> Path:
     return store / "grams" / f"gram_{start:010d}_{stop:010d}.npy"
 
 
-def _refuse_old_layout(store: Path) -> None:
-    """A store partly filled by store format 1 (a Gram file per shard under shards/) cannot be resumed as is."""
+def _old_layout(store: Path) -> bool:
+    """Whether `store` was partly filled by store format 1 (a Gram file per shard under shards/). Format 1 set a
+    shard's done bits only after its rows and its Gram file, so format 2 resumes it exactly from done.npy; the old
+    Gram files are ignored and deleted with the partials."""
     old = store / "shards"
-    if old.is_dir() and next(old.glob("gram_*.npy"), None) is not None:
-        raise ValueError(
-            f"{store} was partly filled by an older dsdm (store format 1: one Gram file per shard in {old}); this "
-            f"dsdm (format {STORE_VERSION}) keeps one per group of shards: delete {old} and rerun to resume from its "
-            "finished rows (their Grams are recomputed from features.npy), or finish it with the older dsdm"
-        )
+    return old.is_dir() and next(old.glob("gram_*.npy"), None) is not None
 
 
 def _finalize_dim(store: Path, slice_: dict, read_json) -> int:

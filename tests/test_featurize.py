@@ -3,6 +3,7 @@ exact Kronecker projection of the per-layer gradients, JL inner products, store 
     .venv/bin/python -m pytest -q tests/test_featurize.py
 """
 
+import json
 import math
 
 import numpy as np
@@ -304,16 +305,29 @@ def test_gram_partials_are_per_group_and_a_pure_function_of_the_stored_rows(tmp_
     np.testing.assert_allclose(grouped, old, rtol=1e-12, atol=1e-12 * np.abs(old).max())
 
 
-def test_a_store_partly_filled_by_format_1_is_refused_in_one_line(tmp_path):
-    """Format 1 kept a Gram file per shard under shards/: resuming it is refused, naming the fix. Finished stores of
-    either format read the same, and the default gram_group leaves the completion key of existing stores unchanged."""
+def test_a_store_partly_filled_by_format_1_resumes_to_the_format_2_store(tmp_path, capsys):
+    """Format 1 kept a Gram file per shard under shards/ and set a shard's done bits after it: resuming such a store
+    says so in one line, ignores those files (here deliberately wrong), sums the Grams from the stored rows and ends
+    bitwise equal to a fresh run, without shards/. The default gram_group leaves existing completion keys alone."""
     pool = _small_pool(tmp_path / "pool", 9)
-    store = tmp_path / "old"
-    (store / "shards").mkdir(parents=True)
-    np.save(store / "shards" / "gram_000000000_000000004.npy", np.zeros((2, 2)))
-    cfg = F.FeaturizeConfig(proj_dim=64, batch_size=3, shard_size=4, device="cpu")
-    with pytest.raises(ValueError, match="older dsdm") as e:
-        F.featurize_proxy(pool, TinyGPT(), store, cfg, proxy=0, device="cpu")
-    msg = str(e.value)
-    assert "\n" not in msg and "store format 1" in msg and f"delete {store / 'shards'}" in msg, msg
-    assert "gram_group" not in F._cfg_dict(cfg) and F._cfg_dict(F.FeaturizeConfig(gram_group=8))["gram_group"] == 8
+    cfg = F.FeaturizeConfig(proj_dim=64, batch_size=3, shard_size=4, gram_group=2, device="cpu")
+    fresh = F.featurize_proxy(pool, TinyGPT(), tmp_path / "fresh", cfg, proxy=0, device="cpu")
+    old = tmp_path / "old"
+    F.featurize_proxy(pool, TinyGPT(), old, cfg, 0, "cpu", shards=[(0, 4), (4, 8)])  # group 0 done, then "format 1":
+    for path in (old / "grams").iterdir():
+        path.unlink()
+    (old / "shards").mkdir()
+    for a, b in ((0, 4), (4, 8)):
+        np.save(old / "shards" / f"gram_{a:09d}_{b:09d}.npy", np.full((2, 2), 7.0))
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["store_version"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    F.featurize_proxy(pool, TinyGPT(), old, cfg, proxy=0, device="cpu")
+    said = [line for line in capsys.readouterr().err.splitlines() if "store format 1" in line]
+    assert len(said) == 1 and "resuming it from its done rows" in said[0], said
+    for name in ("features.npy", "q.npy", "done.npy", "gram.npy"):
+        assert np.load(fresh / name).tobytes() == np.load(old / name).tobytes(), name
+    assert not (old / "shards").exists() and not (old / "grams").exists()
+    assert json.loads((old / "manifest.json").read_text())["store_version"] == F.STORE_VERSION
+    assert "gram_group" not in F._cfg_dict(F.FeaturizeConfig()) and F._cfg_dict(cfg)["gram_group"] == 2
