@@ -2,12 +2,14 @@
 (TRAK, Park et al. 2023, §3; docs/method.md §3.2–3.7). The sketches themselves (output function, dense / SRHT /
 factorized projectors) live in dsdm.sketch and are re-exported here for existing callers.
 
-A store holds features.npy (N, dim) float16/32, q.npy (N,), done.npy (N,) and, per finished shard, its Gram
-shards/gram_<a>_<b>.npy (float64), reduced in a fixed order into gram.npy. The Gram is of exactly the stored
-(rounded) features. On CPU it is summed in float64 with numpy, as always; on a GPU it is accumulated on the device
-(gram="float64": float64 addmm; gram="float32": a float32 sum per shard added into the float64 total, faster on GPUs
-with slow float64; its error against the all-float64 sum is measured in docs/benchmarks.md and bounded in
-tests/test_featurize.py). batch_size = 0 picks the batch from free GPU memory (16 on CPU).
+A store holds features.npy (N, dim) float16/32, q.npy (N,), done.npy (N,) (the per-shard completion record) and,
+per finished group of gram_group consecutive shards, the group's Gram grams/gram_<a>_<b>.npy (float64), reduced in
+group order into gram.npy (docs/estimator.md "Feature store"). The Gram is a pure function of the stored (rounded)
+rows: a group's partial is summed from features.npy, in row order, by whichever process finishes the group's last
+shard, so a killed, resumed, sliced or Ray-filled store reduces to the same bits. On CPU it is summed in float64 with
+numpy; on a GPU on the device (gram="float64": float64 addmm; gram="float32": a float32 sum per shard added into the
+float64 total, faster on GPUs with slow float64; its error against the all-float64 sum is measured in
+docs/benchmarks.md and bounded in tests/test_sketch.py). batch_size = 0 picks the batch from free GPU memory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -82,6 +85,10 @@ class FeaturizeConfig:
     """Examples per forward/backward; 0 = from free GPU memory (auto_batch_size; 16 on CPU)."""
     shard_size: int = 1024
     """Examples per shard: the unit of resume and of parallel work (disjoint rows of one store)."""
+    gram_group: int = 256
+    """Shards per Gram partial: a store keeps at most ceil(shards / gram_group) float64 (dim, dim) partials while it
+    is filled (4 dim / (shard_size gram_group) of the features' size in float16; deleted once gram.npy is written).
+    It fixes the summation order, so it is part of the result (docs/estimator.md "Feature store")."""
     seed: int = 0
     """Projection seed; proxy m uses the streams (seed, m, ...)."""
     device: str = "auto"
@@ -118,12 +125,20 @@ class FeaturizeConfig:
             raise ValueError(f"ray_worker_cpus must be positive, got {self.ray_worker_cpus}")
         if self.batch_size < 0 or self.shard_size <= 0:
             raise ValueError("batch_size must be >= 0 (0 = auto) and shard_size positive")
+        if self.gram_group <= 0:
+            raise ValueError(f"gram_group must be positive, got {self.gram_group}")
 
 
 # Where and how the work runs, not what it computes: never part of a store's completion key.
 _WHERE_NOT_WHAT = ("device", "executor", "ray_address", "ray_worker_cpus")
 # Fields added after stores existed: left out of the completion key at their defaults, so those stores stay valid.
-_NEW_DEFAULTS = {"dense_rng": "pcg64", "precision": "float32", "gram": "float64"}
+_NEW_DEFAULTS = {"dense_rng": "pcg64", "precision": "float32", "gram": "float64", "gram_group": 256}
+# The on-disk layout of a store being filled (manifest "store_version"; absent = 1). 1: one Gram file per shard
+# under shards/; 2: done.npy records shards, grams/ one Gram per group. Finished stores read the same in both.
+STORE_VERSION = 2
+# Rows per Gram product: fixed (not the batch size, which may be chosen from free memory), so the Gram of a range
+# of stored rows is the same bits whoever computes it.
+_GRAM_BLOCK = 1024
 
 
 def auto_batch_size(sketch, pool, device, probe: int = 4, fraction: float = 0.6, cap: int = 512) -> int:
@@ -145,75 +160,108 @@ def auto_batch_size(sketch, pool, device, probe: int = 4, fraction: float = 0.6,
 
 
 def featurize_shard(
-    start: int, stop: int, *, store: Path, pool, sketch, device, batch_size: int, gram: str = "float64", bar=None
+    start: int,
+    stop: int,
+    *,
+    store: Path,
+    pool,
+    sketch,
+    device,
+    batch_size: int,
+    gram: str = "float64",
+    shard_size: int | None = None,
+    gram_group: int | None = None,
+    bar=None,
 ) -> str:
-    """Fill rows [start, stop) of features.npy and q.npy, then publish shards/gram_<start>_<stop>.npy (the shard's
-    completion record, written atomically) and set done[start:stop]. Skips a shard whose Gram file exists.
-
-    The Gram is of the stored (rounded) rows: numpy float64 on CPU with gram="float64" (bitwise as ever); else
-    summed on `device` (gram_on_device), features never leaving it before the store write."""
-    from dsdm.io import save_npy
-
-    gram_path = _gram_path(store, start, stop)
-    if gram_path.exists():
-        return "skipped"
+    """Fill rows [start, stop) of features.npy and q.npy, then set done[start:stop] (the shard's completion record,
+    after the rows are flushed). Skips a shard whose rows are all done. With gram_group: if this finishes every
+    shard of the group of gram_group shards of shard_size rows it belongs to, also writes that group's Gram
+    partial (reduce_group); a group left unreduced (a race, a kill) is reduced by the next featurize or --finalize."""
     feats = np.load(store / "features.npy", mmap_mode="r+")
     q = np.load(store / "q.npy", mmap_mode="r+")
-    done = np.load(store / "done.npy", mmap_mode="r+")
-    if torch.device(device).type != "cpu" or gram != "float64":
-        return _featurize_shard_on_device(
-            start, stop, gram_path, feats, q, done, pool, sketch, device, batch_size, gram, bar
-        )
-    gram = np.zeros((feats.shape[1], feats.shape[1]), dtype=np.float64)
+    done = np.load(store / "done.npy", mmap_mode="r")
+    if done[start:stop].all():
+        return "skipped"
+    on_device = torch.device(device).type != "cpu"
+    store_dtype = torch.float16 if feats.dtype == np.float16 else torch.float32
     for b0 in range(start, stop, batch_size):
         idx = np.arange(b0, min(b0 + batch_size, stop))
         tokens, mask = pool.batch(idx, pad_to=pool.seq_len)
         score = mask.copy()
         score[:, 0] = False
-        g, qb = featurize_batches(sketch, [(tokens, score)], device)
-        feats[idx] = g.astype(feats.dtype)
-        q[idx] = qb
-        stored = np.asarray(feats[idx], dtype=np.float64)  # the Gram of exactly what scoring will read
-        gram += stored.T @ stored
+        if on_device:  # features go to the host only rounded to the storage dtype
+            g, qb = sketch.sketch(torch.as_tensor(tokens, device=device), torch.as_tensor(score, device=device))
+            feats[idx] = g.detach().float().to(store_dtype).cpu().numpy()
+            q[idx] = qb.detach().float().cpu().numpy()
+        else:
+            g, qb = featurize_batches(sketch, [(tokens, score)], device)
+            feats[idx] = g.astype(feats.dtype)
+            q[idx] = qb
         if bar is not None:
             bar.update(len(idx))
     feats.flush()
     q.flush()
-    save_npy(gram_path, gram)
-    done[start:stop] = True
-    done.flush()
+    _set_done(store / "done.npy", done.offset, start, stop)
+    if gram_group is not None:
+        a, b = group_of(start, shard_size, gram_group, len(done))
+        if done[a:b].all() and not _gram_path(store, a, b).exists():
+            reduce_group(store, a, b, shard_size, device, gram)
     return "done"
 
 
-def _featurize_shard_on_device(start, stop, gram_path, feats, q, done, pool, sketch, device, batch_size, gram, bar):
-    """featurize_shard with the Gram accumulated on `device`: float64 addmm, or float32 for the shard added into a
-    float64 total at the end (gram="float32")."""
+def _set_done(path: Path, offset: int, start: int, stop: int) -> None:
+    """done[start:stop] = True by a byte-range write and fsync, not through a memmap: the done bits are the shards'
+    completion record, and a memmap writes back whole pages (on NFS, a page shared with another machine's shard could
+    be overwritten with its stale bytes). offset: where the .npy data starts."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\x01" * (stop - start), offset + start)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def group_of(row: int, shard_size: int, gram_group: int, n: int) -> tuple[int, int]:
+    """The rows [a, b) of the Gram group holding `row`: gram_group consecutive shards of a plan of n rows."""
+    span = shard_size * gram_group
+    return row // span * span, min(row // span * span + span, n)
+
+
+def rows_gram(feats: np.ndarray, start: int, stop: int, device, gram: str = "float64", acc=None):
+    """acc + the Gram of stored rows [start, stop) of feats (N, dim), summed in blocks of _GRAM_BLOCK rows in row
+    order: numpy float64 on CPU (gram="float64"); else torch on `device`, float64 addmm, or (gram="float32") the
+    blocks summed in float32 and then added into the float64 acc. acc: (dim, dim) float64 numpy array or tensor on
+    `device` (None: zeros). Returns acc."""
+    dim = feats.shape[1]
+    if torch.device(device).type == "cpu" and gram == "float64":
+        acc = np.zeros((dim, dim), dtype=np.float64) if acc is None else acc
+        for b0 in range(start, stop, _GRAM_BLOCK):
+            blk = np.asarray(feats[b0 : min(b0 + _GRAM_BLOCK, stop)], dtype=np.float64)
+            acc += blk.T @ blk
+        return acc
+    acc = torch.zeros(dim, dim, dtype=torch.float64, device=device) if acc is None else acc
+    part = acc if gram == "float64" else torch.zeros(dim, dim, dtype=torch.float32, device=device)
+    for b0 in range(start, stop, _GRAM_BLOCK):
+        blk = torch.from_numpy(np.array(feats[b0 : min(b0 + _GRAM_BLOCK, stop)])).to(device, part.dtype)
+        part.addmm_(blk.t(), blk)
+    if part is not acc:
+        acc += part.double()
+    return acc
+
+
+def reduce_group(store: Path, start: int, stop: int, shard_size: int, device, gram: str = "float64") -> Path:
+    """Write grams/gram_<start>_<stop>.npy (atomically): the Gram of the group's stored rows, the sum over its
+    shards (of shard_size rows) in row order of each shard's rows_gram. Every row must be done."""
     from dsdm.io import save_npy
 
-    device = torch.device(device)
-    store_dtype = torch.float16 if feats.dtype == np.float16 else torch.float32
-    acc = torch.zeros(
-        feats.shape[1], feats.shape[1], dtype=torch.float64 if gram == "float64" else torch.float32, device=device
-    )
-    for b0 in range(start, stop, batch_size):
-        idx = np.arange(b0, min(b0 + batch_size, stop))
-        tokens, mask = pool.batch(idx, pad_to=pool.seq_len)
-        score = mask.copy()
-        score[:, 0] = False
-        g, qb = sketch.sketch(torch.as_tensor(tokens, device=device), torch.as_tensor(score, device=device))
-        stored = g.detach().float().to(store_dtype)  # what scoring will read; the Gram is of exactly this
-        feats[idx] = stored.cpu().numpy()
-        q[idx] = qb.detach().float().cpu().numpy()
-        stored = stored.to(acc.dtype)
-        acc.addmm_(stored.t(), stored)
-        if bar is not None:
-            bar.update(len(idx))
-    feats.flush()
-    q.flush()
-    save_npy(gram_path, acc.double().cpu().numpy())
-    done[start:stop] = True
-    done.flush()
-    return "done"
+    feats = np.load(store / "features.npy", mmap_mode="r")
+    assert np.load(store / "done.npy", mmap_mode="r")[start:stop].all(), f"rows {start}-{stop} are not all done"
+    acc = None
+    for a in range(start, stop, shard_size):  # the float32 mode sums each shard in float32, then adds it in float64
+        acc = rows_gram(feats, a, min(a + shard_size, stop), device, gram, acc)
+    path = _gram_path(store, start, stop)
+    save_npy(path, acc if isinstance(acc, np.ndarray) else acc.cpu().numpy())
+    return path
 
 
 def featurize_proxy(
@@ -231,12 +279,13 @@ def featurize_proxy(
     finalize: bool = False,
 ) -> Path:
     """Featurize the whole pool with one proxy into `store` (or only `shards`, or slice `shard_index` of
-    `num_shards` of its shard plan); reduce the Gram, in shard order, once every shard is done.
+    `num_shards` of its shard plan); once every shard is done, sum the groups' Gram partials, in group order, into
+    gram.npy and delete them.
 
     executor=ray needs model_dir (the proxy's directory): each Ray actor loads it, and the pool, itself.
     Slices of one plan (a SLURM array) share the store; a whole-store run on a store being filled is refused
-    (store_lock). finalize=True featurizes nothing: it reduces the Gram of a store filled by slices, or says which
-    shards are missing."""
+    (store_lock). finalize=True featurizes nothing: it reduces the Gram of a store filled by slices (first the
+    partials of groups whose shards are all done but were not reduced), or says which shards are missing."""
     from dsdm.common import log, progress
     from dsdm.io import is_done, mark_done, read_json, save_npy, write_json
     from dsdm.shards import plan_shards, run_on_actors
@@ -249,29 +298,33 @@ def featurize_proxy(
         return store
     with store_lock(store, shared=num_shards is not None and not finalize):
         started = time.time()
+        if _old_layout(store):
+            log(
+                f"{store}: partly filled by an older dsdm (store format 1, a Gram file per shard in shards/); "
+                f"resuming it from its done rows as format {STORE_VERSION} (Grams summed from features.npy, shards/ "
+                "deleted at the end)"
+            )
         plan = plan_shards(len(pool), cfg.shard_size)
+        groups = plan_shards(len(pool), cfg.shard_size * cfg.gram_group)
         if finalize:
             dim = _finalize_dim(store, slice_, read_json)
-            todo = []
+            mine, todo = plan, []
         else:
             sketch = build_sketch(model.to(device), cfg, proxy, device)
             batch_size = cfg.batch_size or auto_batch_size(sketch, pool, device)
             dim = sketch.dim
             init_store(store, len(pool), dim, cfg.storage_dtype)
-            write_json(store / "manifest.json", {**slice_, "num_examples": len(pool), "feature_dim": dim})
+            manifest = {**slice_, "store_version": STORE_VERSION, "num_examples": len(pool), "feature_dim": dim}
+            write_json(store / "manifest.json", manifest)
             mine = shards if shards is not None else shard_slice(plan, shard_index, num_shards)
-            todo = [sh for sh in mine if not _gram_path(store, *sh).exists()]
+            done = np.load(store / "done.npy", mmap_mode="r")
+            todo = [(a, b) for a, b in mine if not done[a:b].all()]
             what = f"{cfg.projector}, k={cfg.proj_dim}, dim={dim}"
             log(f"{store}: {len(todo)} of {len(plan)} shards to featurize ({what})")
+        grouping = dict(gram=cfg.gram, shard_size=cfg.shard_size, gram_group=cfg.gram_group)
         if todo and cfg.executor == "local":  # one bar in examples/s with ETA
             fn = partial(
-                featurize_shard,
-                store=store,
-                pool=pool,
-                sketch=sketch,
-                device=device,
-                batch_size=batch_size,
-                gram=cfg.gram,
+                featurize_shard, store=store, pool=pool, sketch=sketch, device=device, batch_size=batch_size, **grouping
             )
             with progress(total=sum(b - a for a, b in todo), desc=f"featurize proxy {proxy}", unit="ex") as bar:
                 for a, b in todo:
@@ -300,7 +353,13 @@ def featurize_proxy(
                 num_gpus=1 if gpu else 0,
                 desc=f"featurize proxy {proxy}",
             )
-        missing = [sh for sh in plan if not _gram_path(store, *sh).exists()]
+        # Groups finished but not reduced (a process killed after a group's last shard, two shards finishing together,
+        # a group split between slices): reduce those touching this run's shards, from their stored rows.
+        done = np.load(store / "done.npy", mmap_mode="r")
+        for a, b in groups:
+            if any(s0 < b and a < s1 for s0, s1 in mine) and done[a:b].all() and not _gram_path(store, a, b).exists():
+                reduce_group(store, a, b, cfg.shard_size, device, cfg.gram)
+        missing = [(a, b) for a, b in plan if not done[a:b].all()]
         if missing:
             if finalize:
                 a, b = missing[0]
@@ -310,10 +369,18 @@ def featurize_proxy(
                 )
             log(f"{store}: {len(missing)} shards still to do; the Gram is reduced when all are done (--finalize)")
             return store
+        if num_shards is not None and not finalize:  # slices share the store: one --finalize, alone, reduces it
+            log(f"{store}: every shard is done; reduce the Gram with --finalize")
+            return store
         gram = np.zeros((dim, dim), dtype=np.float64)
-        for s0, s1 in plan:  # fixed order: the reduction is bitwise reproducible
-            gram += np.load(_gram_path(store, s0, s1))
+        for a, b in groups:  # fixed order: the reduction is bitwise reproducible
+            gram += np.load(_gram_path(store, a, b))
         save_npy(store / "gram.npy", gram)
+        # summed into gram.npy: the partials only cost disk now. Deleted before the record, so a finished store never
+        # keeps them; a kill in between makes the next run sum them again from the stored rows.
+        for folder in ("grams", "shards"):  # shards/: a format-1 store's Gram files (an empty pool has neither)
+            if (store / folder).exists():
+                shutil.rmtree(store / folder)
         mark_done(store, slice_, started=started, feature_dim=dim)
     return store
 
@@ -397,7 +464,16 @@ def _holders(store: Path, host: str) -> list[str]:
 
 
 def _gram_path(store: Path, start: int, stop: int) -> Path:
-    return store / "shards" / f"gram_{start:09d}_{stop:09d}.npy"
+    """The Gram partial of the group of rows [start, stop)."""
+    return store / "grams" / f"gram_{start:010d}_{stop:010d}.npy"
+
+
+def _old_layout(store: Path) -> bool:
+    """Whether `store` was partly filled by store format 1 (a Gram file per shard under shards/). Format 1 set a
+    shard's done bits only after its rows and its Gram file, so format 2 resumes it exactly from done.npy; the old
+    Gram files are ignored and deleted with the partials."""
+    old = store / "shards"
+    return old.is_dir() and next(old.glob("gram_*.npy"), None) is not None
 
 
 def _finalize_dim(store: Path, slice_: dict, read_json) -> int:
@@ -419,12 +495,12 @@ class ShardWorker:
         from dsdm.pool import Pool
 
         torch.set_num_threads(max(1, int(cfg.ray_worker_cpus)))  # as many threads as CPUs reserved
-        self.store, self.pool, self.device, self.batch_size, self.gram = (
+        self.store, self.pool, self.device, self.batch_size, self.cfg = (
             Path(store),
             Pool(pool_dir),
             device,
             batch_size,
-            cfg.gram,
+            cfg,
         )
         self.sketch = build_sketch(load_model(model_dir).to(device), cfg, proxy, device)
 
@@ -437,7 +513,9 @@ class ShardWorker:
             sketch=self.sketch,
             device=self.device,
             batch_size=self.batch_size,
-            gram=self.gram,
+            gram=self.cfg.gram,
+            shard_size=self.cfg.shard_size,
+            gram_group=self.cfg.gram_group,
         )
 
 

@@ -235,21 +235,23 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
 
         fcfg = from_dict(FeaturizeConfig, cfg.featurize, prefix="featurize.")
         dim, b = _feature_dim(tcfg.preset, vocab, L, fcfg), 2 if fcfg.storage_dtype == "float16" else 4
-        shards = math.ceil(N / fcfg.shard_size)
+        groups = math.ceil(N / fcfg.shard_size / fcfg.gram_group)
         gram = dim * dim * 8 + 128
-        # features, gram, q, done mask, manifest, record; one float64 Gram partial per shard
-        store = _files(N * dim * b + 128, gram, 4 * N + 128, N + 128) + 2 * BLOCK + shards * _files(gram)
+        # features, gram, q, done mask, manifest, record; at the peak one float64 Gram partial per group of shards
+        # (docs/estimator.md "Feature store"; deleted once gram.npy is written)
+        store = _files(N * dim * b + 128, gram, 4 * N + 128, N + 128) + 2 * BLOCK + groups * _files(gram)
         per_example = L * (4 / 6) * (body + head) + 2 * L * dim  # forward, backward to the activations, sketch
         flops = per_example * N * pcfg.n
-        work = 2 * dim * dim * 8 + 16 * P  # the shard's Gram and the running total, float64; the proxy
+        work = 2 * dim * dim * 8 + 16 * P  # the group's Gram and a block product (or the total), float64; the proxy
         ram = BASE_RSS + work
         cpu_s = N * pcfg.n * _feat_s(m, tcfg.preset, vocab, L, fcfg=fcfg)
         disk = pcfg.n * store + 2 * BLOCK
         out.append(StagePlan("features", flops, seconds(flops, cpu_s), disk, ram, work * bool(gpu_mem)))
-        if shards * gram > N * dim * b:
+        if groups * gram > N * dim * b:
             warnings.append(
-                f"features: the per-shard Gram files ({_gb(pcfg.n * shards * gram)}) outweigh the features; raise "
-                f"featurize.shard_size (now {fcfg.shard_size}) or lower featurize.proj_dim (now {dim})"
+                f"features: the Gram partials ({_gb(pcfg.n * groups * gram)}) outweigh the features; raise "
+                f"featurize.gram_group (now {fcfg.gram_group}) or featurize.shard_size (now {fcfg.shard_size}), or "
+                f"lower featurize.proj_dim (now {dim})"
             )
         # one pass over each store for all targets (datamodel.score_targets), after each distinct target task's
         # examples went through every proxy (short examples: score_fraction of a pool example each)

@@ -3,9 +3,11 @@ exact Kronecker projection of the per-layer gradients, JL inner products, store 
     .venv/bin/python -m pytest -q tests/test_featurize.py
 """
 
+import json
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -247,3 +249,85 @@ def test_store_resume_is_bitwise_identical(tmp_path):
     assert np.load(fresh / "done.npy").all()
     f = np.load(fresh / "features.npy").astype(np.float64)
     np.testing.assert_allclose(np.load(fresh / "gram.npy"), f.T @ f, rtol=1e-10, atol=1e-12)
+
+
+def _small_pool(path, n):
+    from dsdm.pool import Pool, PoolWriter
+
+    rng = np.random.default_rng(0)
+    w = PoolWriter(path, vocab_size=23)
+    for i in range(n):
+        w.add(rng.integers(0, 23, size=rng.integers(4, 13)), doc_id=f"d{i}", source="s")
+    return Pool(w.close({"seq_len": 12, "eos_id": 0}, {}))
+
+
+@pytest.mark.parametrize("storage", ["float16", "float32"])
+def test_gram_partials_are_per_group_and_a_pure_function_of_the_stored_rows(tmp_path, storage):
+    """29 rows, shards of 4 (8 shards), groups of 3 shards: at most ceil(8 / 3) = 3 partials on disk, one per group
+    whose shards are all done; a run killed mid-group (a group's first shard done, its second half-written) resumes
+    to the uninterrupted run's bits; gram.npy is bitwise the group-ordered sum recomputed here from features.npy,
+    and within 1e-12 of the old per-shard, per-batch reduction (the order changed: with float32 rows the bits differ;
+    float16 products are exact in float64, so short sums of them often agree bitwise)."""
+    pool = _small_pool(tmp_path / "pool", 29)
+    cfg = F.FeaturizeConfig(proj_dim=128, batch_size=3, shard_size=4, gram_group=3, device="cpu", storage_dtype=storage)
+    fresh = F.featurize_proxy(pool, TinyGPT(), tmp_path / "a", cfg, proxy=0, device="cpu")
+    assert not (fresh / "grams").exists()  # summed into gram.npy, then deleted
+
+    part = tmp_path / "b"
+    F.featurize_proxy(pool, TinyGPT(), part, cfg, 0, "cpu", shards=[(0, 4), (4, 8), (8, 12), (12, 16), (28, 29)])
+    assert [p.name for p in (part / "grams").iterdir()] == ["gram_0000000000_0000000012.npy"]  # group 0 only
+    F.featurize_proxy(pool, TinyGPT(), part, cfg, 0, "cpu", shards=[(16, 20)])  # group 1 still lacks rows 20-24
+    feats = np.load(part / "features.npy", mmap_mode="r+")
+    feats[20:22] = 7.0  # the killed process had half-written shard (20, 24), never marked done
+    feats.flush()
+    assert len(list((part / "grams").iterdir())) == 1 <= math.ceil(8 / 3)
+    assert not (part / "gram.npy").exists()
+    F.featurize_proxy(pool, TinyGPT(), part, cfg, proxy=0, device="cpu")
+    for name in ("features.npy", "q.npy", "done.npy", "gram.npy"):
+        assert np.load(fresh / name).tobytes() == np.load(part / name).tobytes(), name
+
+    f = np.load(fresh / "features.npy").astype(np.float64)
+    grouped = np.zeros((f.shape[1],) * 2)
+    for g0 in range(0, 29, 12):
+        acc = np.zeros_like(grouped)
+        for s0 in range(g0, min(g0 + 12, 29), 4):
+            blk = f[s0 : min(s0 + 4, 29)]  # one block per shard (shards are smaller than F._GRAM_BLOCK)
+            acc += blk.T @ blk
+        grouped += acc
+    assert np.load(fresh / "gram.npy").tobytes() == grouped.tobytes()
+    old = np.zeros_like(grouped)  # format 1: per shard, batch by batch; shards summed in order
+    for s0 in range(0, 29, 4):
+        shard = np.zeros_like(grouped)
+        for b0 in range(s0, min(s0 + 4, 29), 3):
+            b = f[b0 : min(b0 + 3, s0 + 4)]
+            shard += b.T @ b
+        old += shard
+    np.testing.assert_allclose(grouped, old, rtol=1e-12, atol=1e-12 * np.abs(old).max())
+
+
+def test_a_store_partly_filled_by_format_1_resumes_to_the_format_2_store(tmp_path, capsys):
+    """Format 1 kept a Gram file per shard under shards/ and set a shard's done bits after it: resuming such a store
+    says so in one line, ignores those files (here deliberately wrong), sums the Grams from the stored rows and ends
+    bitwise equal to a fresh run, without shards/. The default gram_group leaves existing completion keys alone."""
+    pool = _small_pool(tmp_path / "pool", 9)
+    cfg = F.FeaturizeConfig(proj_dim=64, batch_size=3, shard_size=4, gram_group=2, device="cpu")
+    fresh = F.featurize_proxy(pool, TinyGPT(), tmp_path / "fresh", cfg, proxy=0, device="cpu")
+    old = tmp_path / "old"
+    F.featurize_proxy(pool, TinyGPT(), old, cfg, 0, "cpu", shards=[(0, 4), (4, 8)])  # group 0 done, then "format 1":
+    for path in (old / "grams").iterdir():
+        path.unlink()
+    (old / "shards").mkdir()
+    for a, b in ((0, 4), (4, 8)):
+        np.save(old / "shards" / f"gram_{a:09d}_{b:09d}.npy", np.full((2, 2), 7.0))
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["store_version"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    F.featurize_proxy(pool, TinyGPT(), old, cfg, proxy=0, device="cpu")
+    said = [line for line in capsys.readouterr().err.splitlines() if "store format 1" in line]
+    assert len(said) == 1 and "resuming it from its done rows" in said[0], said
+    for name in ("features.npy", "q.npy", "done.npy", "gram.npy"):
+        assert np.load(fresh / name).tobytes() == np.load(old / name).tobytes(), name
+    assert not (old / "shards").exists() and not (old / "grams").exists()
+    assert json.loads((old / "manifest.json").read_text())["store_version"] == F.STORE_VERSION
+    assert "gram_group" not in F._cfg_dict(F.FeaturizeConfig()) and F._cfg_dict(cfg)["gram_group"] == 2

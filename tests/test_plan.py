@@ -48,9 +48,12 @@ def test_plan_disk_is_within_2x_of_a_measured_featurize(tmp_path):
 
 
 def test_plan_warns_naming_the_knob(tmp_path):
-    cfg = load_experiment(ROOT / "configs" / "micro.yaml", ["featurize.shard_size=8"], base_dir=tmp_path)
+    small = ["featurize.shard_size=8", "featurize.gram_group=1"]  # 30 Gram partials of the micro features' size
+    cfg = load_experiment(ROOT / "configs" / "micro.yaml", small, base_dir=tmp_path)
     stages, warnings, _ = plan(cfg, 240, 32, 97)
-    assert any("featurize.shard_size" in w for w in warnings), warnings
+    assert any("featurize.gram_group" in w and "featurize.shard_size" in w for w in warnings), warnings
+    default = load_experiment(ROOT / "configs" / "micro.yaml", small[:1], base_dir=tmp_path)
+    assert not any("Gram partials" in w for w in plan(default, 240, 32, 97)[1])  # 1 group of 256 shards
     # dense: the feature dim is k itself (the factorized sketch caps it at the layers' sizes, 15k for micro)
     over = ["featurize.proj_dim=200000", "featurize.projector=dense"]
     big = load_experiment(ROOT / "configs" / "micro.yaml", over, base_dir=tmp_path)

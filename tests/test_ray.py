@@ -1,8 +1,10 @@
 """Scale-out of featurize: Ray actors on a local cluster (ray.init(num_cpus=2)), SLURM-style slices of one store in
 separate processes + --finalize, the store lock and sparse store files. Every scaled-out store must equal the local
 executor's, bitwise; so must DSIR and classifier scores computed chunk by chunk on Ray actors, and DsDm scores whose
-pool product runs block by block on Ray actors (`dsdm score`, experiment `score: {executor: ray}`). The Ray tests skip
-when Ray is not installed (pip install 'dsdm[ray]'; `make test` installs it).
+pool product runs block by block on Ray actors (`dsdm score`, experiment `score: {executor: ray}`), also when a worker
+is killed in the middle of a featurize shard, a score block or a DSIR chunk. Featurize killed at each Gram write
+resumes to the same files; slices leave one Gram partial per group. The Ray tests skip when Ray is not installed
+(pip install 'dsdm[ray]'; `make test` installs it).
 Run:
     .venv/bin/python -m pytest -q tests/test_ray.py
 """
@@ -29,7 +31,8 @@ except ImportError:
 needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed: pip install 'dsdm[ray]' (make test does)")
 
 FILES = ("features.npy", "q.npy", "done.npy", "gram.npy")
-CFG = dict(proj_dim=64, batch_size=3, shard_size=5, device="cpu")
+# 23 rows: 5 shards of 5, Gram groups of 2 shards (rows 0-10, 10-20, 20-23), so slices and actors split groups
+CFG = dict(proj_dim=64, batch_size=3, shard_size=5, gram_group=2, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +62,8 @@ def assert_same_stores(a: Path, b: Path) -> None:
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"proxy_{m}/{name}"
 
 
-def dsdm(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "DSDM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+def dsdm(*args: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "DSDM_PROGRESS": "0", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "dsdm", *args], env=env, stderr=subprocess.PIPE, text=True)
 
 
@@ -76,15 +79,20 @@ def featurize_args(root: Path, out: str) -> list[str]:
 
 def test_slices_in_separate_processes_then_finalize_equal_one_local_run(setup):
     """Three jobs started together on one store (--shard-index I --num-shards 3), then --finalize: bitwise the
-    local run. The jobs race to create the store: the exclusive init must keep one set of arrays."""
+    local run. The jobs race to create the store: the exclusive init must keep one set of arrays. Slices split the
+    Gram groups (shards 0 | 1-2 | 3-4 against groups 0-1 | 2-3 | 4): whichever finishes a group's last shard writes
+    its partial, at most one per group; --finalize alone sums them and deletes them."""
     jobs = [dsdm(*featurize_args(setup, "sliced"), "--shard-index", str(i), "--num-shards", "3") for i in range(3)]
     for job in jobs:
         assert job.wait(timeout=300) == 0, job.stderr.read()
-    assert not (setup / "sliced" / "_done.json").exists() or (setup / "sliced" / "proxy_0" / "gram.npy").exists()
+    for m in range(2):
+        store = setup / "sliced" / f"proxy_{m}"
+        assert not (store / "gram.npy").exists() and not (store / "_done.json").exists()
+        assert len(list((store / "grams").glob("*.npy"))) == 3  # = ceil(5 shards / 2): every group reduced once
     fin = dsdm(*featurize_args(setup, "sliced"), "--finalize")
     assert fin.wait(timeout=300) == 0, fin.stderr.read()
     assert_same_stores(setup / "local", setup / "sliced")
-    assert (setup / "sliced" / "_done.json").exists()
+    assert (setup / "sliced" / "_done.json").exists() and not (setup / "sliced" / "proxy_0" / "grams").exists()
 
 
 def test_finalize_refuses_a_store_with_missing_shards(setup):
@@ -95,6 +103,26 @@ def test_finalize_refuses_a_store_with_missing_shards(setup):
     err = fin.stderr.read()
     assert "shards are not featurized yet" in err and "--shard-index" in err, err
     assert not (setup / "half" / "proxy_0" / "gram.npy").exists()
+
+
+def test_featurize_killed_at_each_gram_write_resumes_to_the_same_files(setup, tmp_path):
+    """SIGKILL (DSDM_FAULT=kill@N) at each atomic write of proxy_0's Gram partials, gram.npy and record, then a plain
+    rerun: every file equals the local run's, and no partial is left behind (they are summed again from the stored
+    rows when a kill lost them)."""
+    count = tmp_path / "count"
+    env = {"DSDM_FAULT": f"count={count}"}
+    assert dsdm(*featurize_args(setup, str(tmp_path / "ref")), env=env).wait(timeout=300) == 0
+    writes = [int(n) for n, path in (line.split("\t", 1) for line in count.read_text().splitlines())
+              if "proxy_0/gram" in path or path.endswith("proxy_0/_done.json")]  # fmt: skip
+    assert len(writes) == 3 + 1 + 1, writes  # the 3 group partials, gram.npy, the record
+    for n in writes:
+        out = tmp_path / f"kill{n}"
+        job = dsdm(*featurize_args(setup, str(out)), env={"DSDM_FAULT": f"kill@{n}"})
+        assert job.wait(timeout=300) == -9, job.stderr.read()
+        job = dsdm(*featurize_args(setup, str(out)))
+        assert job.wait(timeout=300) == 0, job.stderr.read()
+        assert_same_stores(setup / "local", out)
+        assert not list(out.rglob("grams")), n
 
 
 def test_shard_slices_cover_the_plan_exactly():
@@ -398,3 +426,51 @@ def test_experiment_score_executor_ray_keeps_the_stage_key(micro, scored, cluste
     bad = load_experiment(micro_yaml, ["score.executor=spark"], base_dir=root)
     with pytest.raises(ValueError, match="score.executor must be local or ray"):
         check_stage_configs(bad)
+
+
+# -----------------------------------------------------------------------------
+# A Ray worker killed in the middle of a scoring task: the actor is restarted and its task retried (run_on_actors:
+# max_restarts, max_task_retries), so DsDm and DSIR scores still equal the local ones
+
+
+def kill_once(base: type, marker: Path, at: int) -> type:
+    """`base` (a run_on_actors worker) whose process SIGKILLs itself once, inside its call on the range starting at
+    row `at`, before it returns. Defined here, so Ray ships the subclass (and `marker`) by value."""
+
+    class KillOnceWorker(base):
+        def run(self, start, stop):
+            if start == at and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().run(start, stop)
+
+    return KillOnceWorker
+
+
+@needs_ray
+def test_a_ray_worker_killed_mid_block_still_yields_the_local_dsdm_scores(scored, cluster, tmp_path, monkeypatch):
+    from dsdm import datamodel
+
+    run, _ = scored
+    features = np.load(run / "features" / "proxy_0" / "features.npy", mmap_mode="r")
+    W = np.random.default_rng(2).standard_normal((features.shape[1], 3))
+    marker = tmp_path / "killed"
+    monkeypatch.setattr(datamodel, "RowBlockWorker", kill_once(datamodel.RowBlockWorker, marker, at=74))
+    got = datamodel.stream_scores_ray(features, W, datamodel.ScoreConfig(executor="ray", block=37))
+    assert marker.exists()  # a worker died mid-block; its block was redone by a restarted actor
+    assert got.tobytes() == datamodel.stream_scores(features, W, 37).tobytes()
+
+
+@needs_ray
+def test_a_ray_worker_killed_mid_chunk_still_yields_the_local_dsir_scores(micro, cluster, tmp_path, monkeypatch):
+    import dsdm.baselines as B
+
+    root, targets = micro
+    pool = Pool(root / "pool")
+    local, local_info = B.fit_and_score(B.make("dsir", {"num_buckets": 512}), pool, targets, 0)
+    marker = tmp_path / "killed"
+    monkeypatch.setattr(B, "ChunkWorker", kill_once(B.ChunkWorker, marker, at=74))
+    where = B.ExecutorConfig(executor="ray", chunk_size=37)
+    scaled, info = B.fit_and_score(B.make("dsir", {"num_buckets": 512}), pool, targets, 0, where)
+    assert marker.exists()
+    assert scaled.tobytes() == local.tobytes() and info == local_info

@@ -48,9 +48,10 @@ def register(subparsers) -> None:
             "    per example rather than p x k random signs per batch: the dense path for larger models)\n\n"
             "Reads: --pool, --proxies (dsdm proxies train).\n"
             "Writes under --out: manifest.json; per proxy proxy_<m>/features.npy (N, dim) float16|32, q.npy (N,),\n"
-            "done.npy (N,) bool, shards/gram_<start>_<stop>.npy, gram.npy (dim, dim) float64, manifest.json,\n"
-            "_done.json; then _done.json. Interrupted runs resume shard by shard with bitwise-identical results.\n"
-            "More settings via --set (batch_size, shard_size, storage_dtype, seed, device, dense_params,\n"
+            "done.npy (N,) bool, while filling grams/gram_<a>_<b>.npy (one float64 Gram per group of gram_group\n"
+            "shards), gram.npy (dim, dim) float64, manifest.json, _done.json; then _done.json. Interrupted runs\n"
+            "resume shard by shard with bitwise-identical results.\n"
+            "More settings via --set (batch_size, shard_size, gram_group, storage_dtype, seed, device, dense_params,\n"
             "dense_projection, executor, ray_worker_cpus).\n\n"
             'Scale out (README "Scale out"): --executor ray [--ray-address auto|ray://HOST:PORT] fills the stores\n'
             "with Ray actors; or run N jobs with --shard-index I --num-shards N on one --out, then once --finalize."
