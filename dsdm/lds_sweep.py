@@ -23,6 +23,7 @@ its own rule, e.g. DSIR's Gumbel top-k), and report its holdout loss beside `ran
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dsdm.baselines import METHODS, fit_and_score, make, target_texts
+from dsdm.baselines.dsdm_scores import DsdmScores
 from dsdm.common import log, numpy_rng, resolve_device
 from dsdm.config import from_dict
 from dsdm.datamodel import ScoreConfig, ensemble, load_features, score_tasks_per_proxy
@@ -96,8 +98,9 @@ class SweepConfig:
     def __post_init__(self):
         if not 0 <= self.topk_fraction < 1:
             raise ValueError(f"topk_fraction must be in [0, 1), got {self.topk_fraction}")
-        if self.subset_range and (len(self.subset_range) != 2 or not 0 <= self.subset_range[0] < self.subset_range[1]):
-            raise ValueError(f"subset_range must be [start, stop) with 0 <= start < stop, got {self.subset_range}")
+        r = self.subset_range
+        if r and (len(r) != 2 or not 0 <= r[0] or r[1] - r[0] < 3):
+            raise ValueError(f"subset_range must be [start, stop) with 0 <= start and >= 3 subsets, got {r}")
         if self.topk_fraction and self.random_arms < 2:
             raise ValueError(f"random_arms must be >= 2 for a standard error, got {self.random_arms}")
 
@@ -147,24 +150,27 @@ class _Arms:
         losses = []
         for r in range(cfg.random_arms):
             idx = np.sort(uniform_k(run["n"], self.k, numpy_rng((self.vcfg.seed, 20_000 + r))))
-            losses.append(self.loss(idx, f"random_{r}", list(self.evals)))
+            losses.append(self.loss(idx, list(self.evals)))
         self.random = {t: np.array([x[t] for x in losses]) for t in self.evals}
         log(
             f"selection arms: k={self.k}; random holdout loss "
             + ", ".join(f"{t} {v.mean():.4f} ± {v.std(ddof=1) / np.sqrt(v.size):.4f}" for t, v in self.random.items())
         )
 
-    def loss(self, indices: np.ndarray, name: str, tasks: list[str]) -> dict[str, float]:
+    def loss(self, indices: np.ndarray, tasks: list[str]) -> dict[str, float]:
         evals = {t: self.evals[t] for t in tasks}
         seed = train_seed(self.vcfg, 999)  # the seed validate-lds gives its sanity arms
-        measured = train_and_eval(self.pool, np.sort(indices), self.vcfg, seed, self.dir / name, evals, self.device)
+        indices = np.sort(indices)
+        # named by content, not by variant: an edited variant trains anew, equal selections share one model
+        model_dir = self.dir / f"k{indices.size}_{hashlib.sha256(indices.tobytes()).hexdigest()[:16]}"
+        measured = train_and_eval(self.pool, indices, self.vcfg, seed, model_dir, evals, self.device)
         return {t: measured[t]["holdout"] for t in tasks}
 
-    def columns(self, task: str, indices: np.ndarray, name: str) -> dict:
+    def columns(self, task: str, indices: np.ndarray) -> dict:
         random = self.random[task]
         return {
             "k": self.k,
-            "topk_loss": round(self.loss(indices, f"{name}__{task}", [task])[task], 4),
+            "topk_loss": round(self.loss(indices, [task])[task], 4),
             "random_loss": round(float(random.mean()), 4),
             "random_loss_se": round(float(random.std(ddof=1) / np.sqrt(random.size)), 4),
         }
@@ -182,7 +188,7 @@ def selection_rule(spec: dict | None, pool: Pool, name: str):
             f"{{rule: balanced, by: COLUMN}}; got {dict(rule=rule, **spec)}"
         )
     if rule == "tempered":
-        temperature = float(spec.get("temperature", 1.0))
+        temperature = float(spec.get("temperature", DsdmScores.__dataclass_fields__["temperature"].default))
         return lambda scores, k: tempered_k(scores, k, temperature, numpy_rng((0, 2)))
     if rule == "balanced":
         column = spec.get("by", "source")
@@ -215,7 +221,7 @@ def _rows_for(name, scores, run, regime, features, config, arms: _Arms | None = 
         )
         if arms is not None:
             kept = (select or top_k)(scores[:, t], arms.k)
-            rows[-1].update(arms.columns(task, np.asarray(kept, dtype=np.int64), name))
+            rows[-1].update(arms.columns(task, np.asarray(kept, dtype=np.int64)))
     return rows
 
 
@@ -246,6 +252,8 @@ def sweep(
     for b in cfg.baselines:
         if b not in METHODS or not METHODS[b].targeted:
             raise ValueError(f"lds-sweep baselines: {b!r} is not a targeted method ({', '.join(METHODS)})")
+        if b in variants:
+            raise ValueError(f"variant {b!r} has the name of a baseline row; rename the variant")
     pool, out_dir = Pool(run["pool"]), Path(out_dir)
     parsed = {}  # every variant checked before any work: name -> (store, ScoreConfig overrides, ScoreConfig, rule)
     for name, overrides in variants.items():

@@ -171,13 +171,15 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     cooking = str(tmp_path / "tasks" / "cooking")
     assert main(["score", "--features", str(run / "features"), "--target", cooking, "--out", str(run / "d.npy")]) == 0
     kept = np.sort(top_k(np.load(run / "d.npy"), round(0.2 * n)))
-    record = json.loads((run / "sweep-arms" / "arms" / "default__cooking" / "_done.json").read_text())
+    arm = f"k{kept.size}_{hashlib.sha256(kept.tobytes()).hexdigest()[:16]}"  # arms are named by their indices
+    record = json.loads((run / "sweep-arms" / "arms" / arm / "_done.json").read_text())
     assert record["config"]["indices_sha256"] == hashlib.sha256(kept.tobytes()).hexdigest()
     # the other rules: a near-zero temperature is top-k; balanced keeps each source's share of the pool
     assert rows["cold", "cooking"]["topk_loss"] == rows["default", "cooking"]["topk_loss"]
     sources = np.asarray(Pool(pool).meta.column("source").to_pylist(), dtype=object).astype(str)
     kept = np.sort(balanced_top_k(np.load(run / "d.npy"), sources, round(0.2 * n)))
-    record = json.loads((run / "sweep-arms" / "arms" / "bal__cooking" / "_done.json").read_text())
+    arm = f"k{kept.size}_{hashlib.sha256(kept.tobytes()).hexdigest()[:16]}"  # arms are named by their indices
+    record = json.loads((run / "sweep-arms" / "arms" / arm / "_done.json").read_text())
     assert record["config"]["indices_sha256"] == hashlib.sha256(kept.tobytes()).hexdigest()
     variants.write_text("hot: {select: {rule: tempered, temp: 2}}\n")
     assert main(sweep + ["--out", str(run / "sweep3")] + arms) == 2
