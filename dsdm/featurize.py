@@ -255,7 +255,8 @@ def reduce_group(store: Path, start: int, stop: int, shard_size: int, device, gr
     from dsdm.io import save_npy
 
     feats = np.load(store / "features.npy", mmap_mode="r")
-    assert np.load(store / "done.npy", mmap_mode="r")[start:stop].all(), f"rows {start}-{stop} are not all done"
+    if not np.load(store / "done.npy", mmap_mode="r")[start:stop].all():
+        raise ValueError(f"{store}: rows {start}-{stop} are not all featurized; cannot reduce their Gram group")
     acc = None
     for a in range(start, stop, shard_size):  # the float32 mode sums each shard in float32, then adds it in float64
         acc = rows_gram(feats, a, min(a + shard_size, stop), device, gram, acc)

@@ -218,16 +218,18 @@ def record_key(config: Any, inputs: dict | None = None) -> str:
 def output_hashes(stage_dir: str | Path) -> dict[str, str]:
     """{relative path: sha256} of every file a stage wrote under `stage_dir`, in sorted order.
 
-    Left out: records (_done.json), dot-files (the run lock, temporary files of writes in progress or interrupted),
-    checkpoint/ folders, and sub-folders that hold their own record (a nested stage: its record hashes its own
-    files)."""
+    Left out: records (_done.json), dot-files and dot-folders (the run lock, temporary files of writes in progress or
+    interrupted, scratch stores), checkpoint/ folders, and sub-folders that hold their own record (a nested stage:
+    its record hashes its own files)."""
     root = Path(stage_dir)
     out: dict[str, str] = {}
 
     def walk(d: Path) -> None:
         for p in sorted(d.iterdir()):
             if p.is_dir():
-                if p.name not in IGNORED_DIRS and not (p / DONE_FILE).exists():
+                # dot-folders are scratch (SemDeDup's .semdedup-*, a Ray pool build's .parts): a killed run may leave
+                # them, and they are not what the stage produced
+                if p.name not in IGNORED_DIRS and not p.name.startswith(".") and not (p / DONE_FILE).exists():
                     walk(p)
             elif p.is_file() and p.name != DONE_FILE and not p.name.startswith("."):
                 out[p.relative_to(root).as_posix()] = sha256_file(p)

@@ -6,7 +6,7 @@ Run: pytest tests/test_io.py
 import numpy as np
 import pytest
 
-from dsdm.io import atomic_path, is_done, mark_done, open_memmap, read_json, write_json
+from dsdm.io import atomic_path, is_done, mark_done, open_memmap, output_hashes, read_json, write_json
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -44,3 +44,15 @@ def test_open_memmap_creates_reopens_and_refuses_other_shapes(tmp_path):
 def test_write_json_round_trip_numpy_values(tmp_path):
     write_json(tmp_path / "a.json", {"n": np.int64(3), "x": np.float32(0.5), "v": np.arange(2)})
     assert read_json(tmp_path / "a.json") == {"n": 3, "x": 0.5, "v": [0, 1]}
+
+
+def test_output_hashes_skip_scratch_dot_folders(tmp_path):
+    """A killed run's scratch store (e.g. SemDeDup's .semdedup-*) is no output of the stage: the record of the rerun
+    hashes what the stage wrote, not the leftover."""
+    (tmp_path / "scores.npy").write_bytes(b"s")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.npy").write_bytes(b"a")
+    (tmp_path / ".semdedup-x").mkdir()
+    (tmp_path / ".semdedup-x" / "emb.npy").write_bytes(b"e" * 100)
+    (tmp_path / ".lock").write_bytes(b"")
+    assert sorted(output_hashes(tmp_path)) == ["scores.npy", "sub/a.npy"]

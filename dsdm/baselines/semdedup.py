@@ -32,6 +32,7 @@ Embedding back ends:
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import partial
@@ -373,6 +374,8 @@ class SemDeDup:
         actors, clusters de-duplicated by tasks; scratch_dir must then be on a filesystem every worker sees)."""
         if scratch_dir is not None:
             Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+            for stale in Path(scratch_dir).glob(".semdedup-*"):  # a killed run's store (2 N d float32): not resumable
+                shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=".semdedup-", dir=scratch_dir) as tmp:
             x = embed_pool(self, pool, chunks, Path(tmp) / "embeddings.npy", where)
             keep = self.dedup(x, where)
