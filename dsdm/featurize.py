@@ -314,6 +314,7 @@ def featurize_proxy(
             sketch = build_sketch(model.to(device), cfg, proxy, device)
             batch_size = cfg.batch_size or auto_batch_size(sketch, pool, device)
             dim = sketch.dim
+            _refuse_other_settings(store, slice_, read_json)
             init_store(store, len(pool), dim, cfg.storage_dtype)
             manifest = {**slice_, "store_version": STORE_VERSION, "num_examples": len(pool), "feature_dim": dim}
             write_json(store / "manifest.json", manifest)
@@ -475,6 +476,22 @@ def _old_layout(store: Path) -> bool:
     Gram files are ignored and deleted with the partials."""
     old = store / "shards"
     return old.is_dir() and next(old.glob("gram_*.npy"), None) is not None
+
+
+def _refuse_other_settings(store: Path, slice_: dict, read_json) -> None:
+    """A store partly filled with other settings (another seed, k, projector, proxy or pool) must not be resumed:
+    its done rows would be kept beside rows of these settings, and the Gram would sum both."""
+    from dsdm.io import _diff_keys
+
+    if not (store / "manifest.json").exists() or not (store / "done.npy").exists():
+        return
+    old = read_json(store / "manifest.json")
+    changed = _diff_keys({k: old.get(k) for k in slice_}, slice_)
+    if changed and np.load(store / "done.npy", mmap_mode="r").any():
+        raise ValueError(
+            f"{store}: partly featurized with other settings (changed: {', '.join(changed)}); "
+            "delete it or featurize into another --out"
+        )
 
 
 def _finalize_dim(store: Path, slice_: dict, read_json) -> int:

@@ -251,6 +251,19 @@ def test_store_resume_is_bitwise_identical(tmp_path):
     np.testing.assert_allclose(np.load(fresh / "gram.npy"), f.T @ f, rtol=1e-10, atol=1e-12)
 
 
+def test_a_store_partly_filled_with_other_settings_is_refused(tmp_path):
+    """Resuming a half-filled store with another projection seed would keep its rows beside rows of the new seed and
+    sum both into one Gram: refused, naming the changed key. The same settings resume."""
+    pool = _small_pool(tmp_path / "pool", 13)
+    cfg = F.FeaturizeConfig(proj_dim=128, batch_size=3, shard_size=4, device="cpu")
+    F.featurize_proxy(pool, TinyGPT(), tmp_path / "s", cfg, proxy=0, device="cpu", shards=[(0, 4)])
+    other = F.FeaturizeConfig(proj_dim=128, batch_size=3, shard_size=4, device="cpu", seed=1)
+    with pytest.raises(ValueError, match="other settings .changed: featurize.seed"):
+        F.featurize_proxy(pool, TinyGPT(), tmp_path / "s", other, proxy=0, device="cpu")
+    F.featurize_proxy(pool, TinyGPT(), tmp_path / "s", cfg, proxy=0, device="cpu")
+    assert np.load(tmp_path / "s" / "done.npy").all()
+
+
 def _small_pool(path, n):
     from dsdm.pool import Pool, PoolWriter
 
