@@ -39,7 +39,7 @@ from dsdm.config import from_dict
 from dsdm.datamodel import ScoreConfig, ensemble, load_features, score_tasks_per_proxy
 from dsdm.io import atomic_path, atomic_write_text, mark_done
 from dsdm.pool import Pool
-from dsdm.select import balanced_top_k, tempered_k, top_k, uniform_k
+from dsdm.select import select_by_rule, top_k, uniform_k
 from dsdm.tasks import encode_examples, load_task
 from dsdm.validate import ValidateConfig, lds_summary, read_lds_run, subset_predictions, train_and_eval, train_seed
 
@@ -187,16 +187,16 @@ def selection_rule(spec: dict | None, pool: Pool, name: str):
             f"variant {name}: select must be {{rule: top_k}}, {{rule: tempered, temperature: T}} or "
             f"{{rule: balanced, by: COLUMN}}; got {dict(rule=rule, **spec)}"
         )
-    if rule == "tempered":
-        temperature = float(spec.get("temperature", DsdmScores.__dataclass_fields__["temperature"].default))
-        return lambda scores, k: tempered_k(scores, k, temperature, numpy_rng((0, 2)))
+    temperature = float(spec.get("temperature", DsdmScores.__dataclass_fields__["temperature"].default))
+    groups = None
     if rule == "balanced":
         column = spec.get("by", "source")
         if column not in pool.meta_columns:
             raise ValueError(f"variant {name}: select.by={column!r} is not a column of {pool.path}/meta.parquet")
         groups, _ = pool.codes(column)  # int codes that sort like the labels: the same groups and group order
-        return lambda scores, k: balanced_top_k(scores, groups, k)
-    return top_k
+    return lambda scores, k: select_by_rule(
+        scores, k, rule, rng=numpy_rng((0, 2)), temperature=temperature, groups=groups
+    )
 
 
 def _rows_for(name, scores, run, regime, features, config, arms: _Arms | None = None, select=None) -> list[dict]:

@@ -99,6 +99,31 @@ def balanced_top_k(scores: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray
     return idx[np.lexsort((idx, -scores[idx]))].astype(np.int64)
 
 
+SELECTION_RULES = ("top_k", "tempered", "balanced")
+"""The rules a score vector can be selected by (DsDm's `rule` option, lds-sweep's `select:`)."""
+
+
+def select_by_rule(
+    scores: np.ndarray,
+    k: int,
+    rule: str = "top_k",
+    *,
+    rng: np.random.Generator | None = None,
+    temperature: float = 0.5,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
+    """top_k, tempered_k(temperature, rng) or balanced_top_k(groups) of (N,) scores -> (k,) indices."""
+    if rule == "tempered":
+        return tempered_k(scores, k, temperature, rng)
+    if rule == "balanced":
+        if groups is None:
+            raise ValueError("rule=balanced needs the group of every example (e.g. the pool's source column)")
+        return balanced_top_k(scores, groups, k)
+    if rule != "top_k":
+        raise ValueError(f"selection rule must be one of {', '.join(SELECTION_RULES)}; got {rule!r}")
+    return top_k(scores, k)
+
+
 def uniform_k(candidates: np.ndarray | int, k: int, rng: np.random.Generator) -> np.ndarray:
     """k distinct indices drawn uniformly from `candidates` (an index array, a bool keep mask, or N for range(N))."""
     if isinstance(candidates, (int, np.integer)):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsdm.select import balanced_top_k, tempered_k, top_k
+from dsdm.select import SELECTION_RULES, select_by_rule
 
 
 @dataclass
@@ -41,8 +41,8 @@ class DsdmScores:
     scores_file = "scores.npy"
 
     def __post_init__(self):
-        if self.rule not in ("top_k", "tempered", "balanced"):
-            raise ValueError(f"dsdm.rule must be top_k, tempered or balanced; got {self.rule!r}")
+        if self.rule not in SELECTION_RULES:
+            raise ValueError(f"dsdm.rule must be one of {', '.join(SELECTION_RULES)}; got {self.rule!r}")
         if not self.temperature > 0:
             raise ValueError(f"dsdm.temperature must be > 0, got {self.temperature}")
         if not self.scores:
@@ -86,13 +86,11 @@ class DsdmScores:
 
     def select(self, scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         scores = -np.asarray(scores, dtype=np.float64) if self.inverse else scores  # bottom-k = top-k of -s
-        if self.rule == "tempered":
-            return tempered_k(scores, k, self.temperature, rng)
-        if self.rule == "balanced":
-            if not hasattr(self, "groups_"):
-                raise ValueError("dsdm rule=balanced: call fit(pool=...) before select to bind the group column")
-            return balanced_top_k(scores, self.groups_, k)
-        return top_k(scores, k)
+        if self.group_column and not hasattr(self, "groups_"):
+            raise ValueError("dsdm rule=balanced: call fit(pool=...) before select to bind the group column")
+        return select_by_rule(
+            scores, k, self.rule, rng=rng, temperature=self.temperature, groups=getattr(self, "groups_", None)
+        )
 
 
 @dataclass
