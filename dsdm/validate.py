@@ -106,7 +106,7 @@ class ValidateConfig:
     """Train every model (LDS subsets and sanity arms) from the same seed, seed * 1000: the datamodel predicts the
     effect of the data, so initialization noise is held fixed (datamodels papers average it out over many models
     instead). False gives model j the seed seed * 1000 + j, as before."""
-    ridge: float = 1e3
+    ridge: float = 1e-2
     """Relative ridge of the datamodel (dsdm.datamodel.ScoreConfig.ridge, the same default)."""
     eval_tasks: list[str] = field(default_factory=list)
     """More task specs every model is also evaluated on: the subsets are random, not drawn for the target, so the

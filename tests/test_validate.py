@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from dsdm.datamodel import ScoreConfig
 from dsdm.pool import Pool
 from dsdm.select import balanced_top_k, top_k
 from dsdm.validate import lds, lds_by_ensemble_size, lds_by_group, rescore, subset_predictions
@@ -126,7 +127,9 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     # the ensemble of the first proxy equals lds_target_by_proxies["1"]; DSIR enters as a row.
     assert set(rec["losses_by_task"]) == {"cooking", "sports"} and len(rec["losses_by_task"]["sports"]) == 4
     variants = tmp_path / "variants.yaml"
-    variants.write_text("default: {}\nsame: {ridge: 1000.0}\nfirst: {num_proxies: 1}\ncos: {normalize: both}\n")
+    variants.write_text(
+        f"default: {{}}\nsame: {{ridge: {ScoreConfig().ridge!r}}}\nfirst: {{num_proxies: 1}}\ncos: {{normalize: both}}\n"
+    )
     sweep = ["lds-sweep", "--lds", str(run / "lds"), "--features", str(run / "features"), "--variants", str(variants)]
     assert main(sweep + ["--out", str(run / "sweep"), "--set", "regime=micro test", "--set", "device=cpu"]) == 0
     capsys.readouterr()
