@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsdm.io import pwrite_rows
 from dsdm.sketch import (  # noqa: F401 - re-exported: the sketch API callers have imported from dsdm.featurize
     DENSE_PROJECTIONS,
     DENSE_RNGS,
@@ -174,51 +175,46 @@ def featurize_shard(
     bar=None,
 ) -> str:
     """Fill rows [start, stop) of features.npy and q.npy, then set done[start:stop] (the shard's completion record,
-    after the rows are flushed). Skips a shard whose rows are all done. With gram_group: if this finishes every
-    shard of the group of gram_group shards of shard_size rows it belongs to, also writes that group's Gram
-    partial (reduce_group); a group left unreduced (a race, a kill) is reduced by the next featurize or --finalize."""
-    feats = np.load(store / "features.npy", mmap_mode="r+")
-    q = np.load(store / "q.npy", mmap_mode="r+")
+    after the rows are written and fsynced). Skips a shard whose rows are all done. With gram_group: if this
+    finishes every shard of the group of gram_group shards of shard_size rows it belongs to, also writes that group's
+    Gram partial (reduce_group); a group left unreduced (a race, a kill) is reduced by the next featurize or
+    --finalize."""
+    feats = np.load(store / "features.npy", mmap_mode="r")  # read-only: the rows go in by pwrite_rows
     done = np.load(store / "done.npy", mmap_mode="r")
     if done[start:stop].all():
         return "skipped"
     on_device = torch.device(device).type != "cpu"
     store_dtype = torch.float16 if feats.dtype == np.float16 else torch.float32
+    # the shard's rows, gathered in RAM (shard_size x dim in the storage dtype) and written as one byte range
+    rows = np.empty((stop - start, feats.shape[1]), dtype=feats.dtype)
+    qs = np.empty(stop - start, dtype=np.float32)
     for b0 in range(start, stop, batch_size):
         idx = np.arange(b0, min(b0 + batch_size, stop))
+        at = slice(b0 - start, b0 - start + len(idx))
         tokens, mask = pool.batch(idx, pad_to=pool.seq_len)
         score = mask.copy()
         score[:, 0] = False
         if on_device:  # features go to the host only rounded to the storage dtype
             g, qb = sketch.sketch(torch.as_tensor(tokens, device=device), torch.as_tensor(score, device=device))
-            feats[idx] = g.detach().float().to(store_dtype).cpu().numpy()
-            q[idx] = qb.detach().float().cpu().numpy()
+            rows[at] = g.detach().float().to(store_dtype).cpu().numpy()
+            qs[at] = qb.detach().float().cpu().numpy()
         else:
             g, qb = featurize_batches(sketch, [(tokens, score)], device)
-            feats[idx] = g.astype(feats.dtype)
-            q[idx] = qb
+            rows[at] = g.astype(feats.dtype)
+            qs[at] = qb
         if bar is not None:
             bar.update(len(idx))
-    feats.flush()
-    q.flush()
-    _set_done(store / "done.npy", done.offset, start, stop)
+    # byte-range writes with fsync, never a writable memmap: a memmap writes back whole pages, and on NFS a page
+    # shared with another host's shard could go back with its stale bytes (docs/estimator.md, "Feature store").
+    # The done bits last: they are the shard's completion record.
+    pwrite_rows(store / "features.npy", start, rows)
+    pwrite_rows(store / "q.npy", start, qs)
+    pwrite_rows(store / "done.npy", start, np.ones(stop - start, dtype=np.bool_))
     if gram_group is not None:
         a, b = group_of(start, shard_size, gram_group, len(done))
         if done[a:b].all() and not _gram_path(store, a, b).exists():
             reduce_group(store, a, b, shard_size, device, gram)
     return "done"
-
-
-def _set_done(path: Path, offset: int, start: int, stop: int) -> None:
-    """done[start:stop] = True by a byte-range write and fsync, not through a memmap: the done bits are the shards'
-    completion record, and a memmap writes back whole pages (on NFS, a page shared with another machine's shard could
-    be overwritten with its stale bytes). offset: where the .npy data starts."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, b"\x01" * (stop - start), offset + start)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def group_of(row: int, shard_size: int, gram_group: int, n: int) -> tuple[int, int]:

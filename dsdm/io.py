@@ -157,6 +157,51 @@ def open_memmap(path: str | Path, shape: tuple[int, ...], dtype: Any, fill: Any 
     return np.load(path, mmap_mode="r+")
 
 
+def npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, byte offset of the data) of a C-order .npy file, read from its header alone."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(
+                f"{path}: .npy format version {version} is not one dsdm writes; delete the file to redo it"
+            )
+        shape, fortran_order, dtype = read(f)
+        if fortran_order:
+            raise ValueError(f"{path}: a Fortran-order .npy has no contiguous rows; delete the file to redo it")
+        return tuple(shape), dtype, f.tell()
+
+
+def pwrite_rows(path: str | Path, row_start: int, array: np.ndarray) -> None:
+    """Write `array` into rows [row_start, row_start + len(array)) of the existing .npy at `path` as ONE byte range
+    (os.pwrite at header length + row_start * row bytes), then fsync. array: (m, *row shape) of the file's dtype.
+
+    Not through a writable memmap: a memmap writes back whole pages, and on a shared filesystem (NFS) a page that
+    straddles another host's rows could be written back with stale bytes over them (docs/estimator.md, "Feature
+    store"). Every other byte of the file is left untouched, so sparse stores stay sparse."""
+    path = Path(path)
+    shape, dtype, offset = npy_header(path)
+    rows = np.asarray(array)
+    if rows.dtype != dtype or rows.shape[1:] != shape[1:] or rows.ndim != len(shape):
+        raise ValueError(
+            f"{path}: holds rows of {dtype} {shape[1:]}, was handed {rows.dtype} {rows.shape[1:]} "
+            f"(array {rows.shape}); it belongs to another configuration: delete it or use another output directory"
+        )
+    if not 0 <= row_start <= row_start + len(rows) <= shape[0]:
+        raise ValueError(f"{path}: rows {row_start}-{row_start + len(rows)} are outside its {shape[0]} rows")
+    data = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+    pos = offset + row_start * dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while data:  # pwrite may write fewer bytes than asked (signals, NFS): loop until all are written
+            n = os.pwrite(fd, data, pos)
+            data, pos = data[n:], pos + n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

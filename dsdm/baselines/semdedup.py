@@ -43,7 +43,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from dsdm.common import log, numpy_rng, progress
-from dsdm.io import open_memmap, save_npy
+from dsdm.io import open_memmap, pwrite_rows, save_npy
 from dsdm.pool import Pool
 from dsdm.shards import plan_shards, run_on_actors, run_shards
 
@@ -410,7 +410,9 @@ def embed_pool(est: SemDeDup, pool, chunks: list[tuple[int, int]], store: Path, 
     from dsdm.baselines import read_items  # not at the top: dsdm.baselines imports this module
 
     n = chunks[-1][1] if chunks else 0
-    x = open_memmap(store, (n, est.embed_dim()), np.float32)
+    # created sparse, then each chunk's rows go in as one byte range (pwrite_rows), never through a writable memmap:
+    # its whole-page write-back could clobber another host's rows on NFS (docs/baselines.md, "SemDeDup at scale")
+    open_memmap(store, (n, est.embed_dim()), np.float32)
     if _on_ray(where):
         worker = dict(est=est, pool_dir=str(Path(pool.path).resolve()), store=str(Path(store).resolve()))
         run_on_actors(
@@ -419,26 +421,26 @@ def embed_pool(est: SemDeDup, pool, chunks: list[tuple[int, int]], store: Path, 
     else:
         with progress(total=n, desc="semdedup embed", unit="ex") as bar:
             for start, stop in chunks:
-                x[start:stop] = est.embed(read_items(pool, np.arange(start, stop, dtype=np.int64), "text"))
+                pwrite_rows(store, start, est.embed(read_items(pool, np.arange(start, stop, dtype=np.int64), "text")))
                 bar.update(stop - start)
-    x.flush()
-    del x
     log(f"semdedup: {n} embeddings in {store} ({Path(store).stat().st_size / 1e6:.1f} MB on disk)")
     return np.load(store, mmap_mode="r")
 
 
 class EmbedWorker:
-    """A Ray actor of embed_pool: opens the pool and the store from their paths once, and writes est.embed of each
-    chunk [start, stop) it is handed into the store's rows (the same call on the same items as the local loop)."""
+    """A Ray actor of embed_pool: opens the pool from its path once, and writes est.embed of each chunk
+    [start, stop) it is handed into the store's rows by pwrite_rows (the same call on the same items as the local
+    loop)."""
 
     def __init__(self, est: SemDeDup, pool_dir: str, store: str):
-        self.est, self.pool, self.store = est, Pool(pool_dir), np.load(store, mmap_mode="r+")
+        self.est, self.pool, self.store = est, Pool(pool_dir), Path(store)
 
     def run(self, start: int, stop: int) -> None:
         from dsdm.baselines import read_items  # not at the top: dsdm.baselines imports this module
 
-        self.store[start:stop] = self.est.embed(read_items(self.pool, np.arange(start, stop, dtype=np.int64), "text"))
-        self.store.flush()
+        pwrite_rows(
+            self.store, start, self.est.embed(read_items(self.pool, np.arange(start, stop, dtype=np.int64), "text"))
+        )
 
 
 def assign_shard(store: str, centroids: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
