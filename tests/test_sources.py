@@ -155,11 +155,14 @@ def test_manpages_strip_roff_and_skip_aliases(tmp_path):
 def test_debian_docs_html_and_info(tmp_path):
     page = "<html><head><title>T</title></head><body><h1>Intro</h1><p>" + LOREM * 3 + "&amp; more</p></body></html>"
     write(tmp_path / "usr/share/debian-reference/ch01.en.html", page)
-    write(tmp_path / "usr/share/info/standards.info.gz", gzip.compress(("\x1fFile: x\n" + LOREM * 3).encode()))
+    # an Info index node carries Texinfo's NUL-backspace marker (as in Debian's standards.info.gz / maintain.info.gz)
+    info = "\x1fFile: x\n" + LOREM * 3 + "Index\n*****\n\n\x00\x08[index\x00\x08]\n* Menu:\n\n* keywords: Top.\n"
+    write(tmp_path / "usr/share/info/standards.info.gz", gzip.compress(info.encode()))
     docs = debian_docs.debian_docs([tmp_path])
     assert [d["doc_id"] for d in docs] == ["ch01.en.html", "standards.info.gz"]
     assert docs[0]["text"].startswith("Intro\n\nThe whale") and docs[0]["text"].endswith("& more")
-    assert "\x1f" not in docs[1]["text"]
+    assert not {"\x1f", "\x00", "\x08"} & set(docs[1]["text"]) and "[index" not in docs[1]["text"]
+    assert "Index\n*****\n\n* Menu:" in docs[1]["text"]
     assert html_to_text("<script>x</script><p>a<br>b</p>") == "a\n\nb"
 
 

@@ -78,9 +78,15 @@ def debian_docs(roots: list[Path]) -> list[dict]:
         for p in _files(root, "usr/share/debian-reference/*.en.html"):
             out.append(doc(html_to_text(_read(p)), "debian_docs", p.name, "technical"))
         for p in _files(root, "usr/share/info/*.info*"):
-            text = clean_ws(re.sub(r"[\x1f\x7f]", "", _read(p)))
+            text = clean_ws(re.sub(r"[\x1f\x7f]", "", _strip_info_markers(_read(p))))
             out.append(doc(text, "debian_docs", p.name, "technical"))
     return [d for d in out if len(d["text"]) > 200]
+
+
+def _strip_info_markers(text: str) -> str:
+    """Drop Texinfo's in-band markers "\\0\\b[index\\0\\b]" (and any other "\\0\\b[...\\0\\b]"), then any stray NUL: a
+    document with NUL bytes is refused by the pool builder (dsdm.readers)."""
+    return re.sub(r"\x00\x08\[[^\x00\n]*\x00\x08\]\n?", "", text).replace("\x00", "")
 
 
 def jargon(roots: list[Path]) -> list[dict]:
