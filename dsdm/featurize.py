@@ -52,6 +52,7 @@ from dsdm.sketch import (  # noqa: F401 - re-exported: the sketch API callers ha
     srht_plan,
     srht_project,
 )
+from dsdm.train import SECOND_MOMENTS_FILE
 
 # -----------------------------------------------------------------------------
 # IO: the feature store (one directory per proxy), filled shard by shard
@@ -549,19 +550,22 @@ class ShardWorker:
         )
 
 
-def second_moments_of(model_dir: str | Path) -> dict:
-    """The AdamW second moments dsdm.train saved beside a proxy's weights, {parameter name: v}."""
-    from safetensors.torch import load_file
-
-    from dsdm.train import SECOND_MOMENTS_FILE
-
+def second_moments_path(model_dir: str | Path) -> Path:
+    """Where dsdm.train saved a proxy's AdamW second moments; a one-line error with the fix if it is missing."""
     path = Path(model_dir) / SECOND_MOMENTS_FILE
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: featurize.precondition=adam needs the proxy's optimizer state, which dsdm saves since "
             "2026-11-29; retrain the proxies (`dsdm proxies train ... --force`) or set precondition=none"
         )
-    return load_file(str(path))
+    return path
+
+
+def second_moments_of(model_dir: str | Path) -> dict:
+    """The AdamW second moments dsdm.train saved beside a proxy's weights, {parameter name: v}."""
+    from safetensors.torch import load_file
+
+    return load_file(str(second_moments_path(model_dir)))
 
 
 def build_sketch(model, cfg: FeaturizeConfig, proxy: int, device, model_dir: str | Path | None = None):
@@ -633,7 +637,7 @@ def run(
     models = [str((proxies_dir / m).resolve()) for m in pmanifest["models"]]
     if cfg.precondition == "adam" and not finalize:
         for model_dir in models:  # before any work: a proxy without its optimizer state stops the run here
-            second_moments_of(model_dir)
+            second_moments_path(model_dir)
     device, why = resolve_device(cfg.device)
     slice_ = {
         "featurize": _cfg_dict(cfg),

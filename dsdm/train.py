@@ -367,9 +367,9 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
         batches.close()
     bar.close()
 
+    save_second_moments(out_dir / SECOND_MOMENTS_FILE, second_moments(model, opt, cfg.beta2))
     if isinstance(model, GPT):
         tokenizer = pool.path / pool.manifest.get("tokenizer_file", "tokenizer.json")  # the ids' tokenizer, beside
-        save_second_moments(out_dir / SECOND_MOMENTS_FILE, second_moments(model, opt, total, cfg.beta2))
         save_model(model.cpu(), out_dir, eos_id=pool.eos_id, tokenizer_json=tokenizer if tokenizer.exists() else None)
     else:  # a Hugging Face model we continued training
         model.hf.save_pretrained(str(out_dir), safe_serialization=True)
@@ -393,15 +393,15 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
 SECOND_MOMENTS_FILE = "optimizer_v.safetensors"
 
 
-def second_moments(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, beta2: float) -> dict:
-    """AdamW's bias-corrected second moment v_hat = exp_avg_sq / (1 - beta2^step) after `step` steps, per parameter
-    name of model.named_parameters() (a tied weight once, under its first name): {name: float32 CPU tensor of the
-    parameter's shape}. Parameters the optimizer never stepped are left out."""
-    correction = 1.0 - beta2**step
+def second_moments(model: torch.nn.Module, opt: torch.optim.Optimizer, beta2: float) -> dict:
+    """AdamW's bias-corrected second moment v_hat = exp_avg_sq / (1 - beta2^t), t the parameter's own step count,
+    per parameter name of model.named_parameters() (a tied weight once, under its first name): {name: float32 CPU
+    tensor of the parameter's shape}. Parameters the optimizer never stepped are left out."""
     out = {}
     for name, param in model.named_parameters():
         state = opt.state.get(param, {})
         if "exp_avg_sq" in state:
+            correction = 1.0 - beta2 ** float(state["step"])
             out[name] = (state["exp_avg_sq"].detach().float() / correction).cpu().contiguous()
     return out
 

@@ -255,6 +255,24 @@ def test_adam_preconditioning_dense_is_exact_and_factorized_agrees_when_v_is_ran
     torch.testing.assert_close(fact.double() @ fact.double().T, Gd @ Gd.T, rtol=1e-4, atol=1e-6)
 
 
+def test_adam_preconditioning_of_a_tied_lm_head_uses_the_embeddings_second_moment():
+    # GPT ties lm_head.weight to transformer.wte.weight: one parameter, one v (saved under the wte name only)
+    from dsdm.model import build_model
+    from dsdm.sketch import adafactor_sides
+
+    model = build_model("micro", 64, 16, seed=0)
+    moments = _planted_moments(model)
+    assert "lm_head.weight" not in moments and model.lm_head.weight is model.transformer.wte.weight
+    fact = F.make_sketch(model, "factorized", 256, 0, 0, second_moments=moments)
+    plain = F.make_sketch(model, "factorized", 256, 0, 0)
+    i = [n for n, _ in fact.linears].index("lm_head")
+    out_scale, in_scale = adafactor_sides(moments["transformer.wte.weight"], None)
+    torch.testing.assert_close(fact.proj[i][0], out_scale[:, None] * plain.proj[i][0])
+    torch.testing.assert_close(fact.proj[i][1], in_scale[:, None] * plain.proj[i][1])
+    dense = F.make_sketch(model, "dense", 8, 0, 0, dense_params="linear", second_moments=moments)
+    torch.testing.assert_close(dense.scales["lm_head.weight"], moments["transformer.wte.weight"].pow(-0.25))
+
+
 def test_second_moments_of_another_model_are_refused():
     model = TinyGPT()
     moments = _planted_moments(TinyGPT(d=8))
