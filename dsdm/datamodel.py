@@ -344,7 +344,7 @@ def score_tasks_per_proxy(
     us, qs = [], []
     for m, store in enumerate(stores):
         model = load_model(manifest["proxies"][m]).to(device)
-        sketch = build_sketch(model, fcfg, m, device)
+        sketch = build_sketch(model, fcfg, m, device, manifest["proxies"][m])
         layout = feature_layout(sketch)
         unit = None
         if cfg.normalize in ("target", "both"):

@@ -53,6 +53,7 @@ from dsdm.sketch import (  # noqa: F401 - re-exported: the sketch API callers ha
     srht_plan,
     srht_project,
 )
+from dsdm.train import SECOND_MOMENTS_FILE
 
 # -----------------------------------------------------------------------------
 # IO: the feature store (one directory per proxy), filled shard by shard
@@ -77,6 +78,10 @@ class FeaturizeConfig:
     precision: str = "float32"
     """Proxy forward/backward precision: float32 | tf32 (CUDA matmuls) | bf16 (autocast). Projections, the output
     function and the Gram stay float32/float64. Feature error against float32: docs/benchmarks.md "GPU"."""
+    precondition: str = "none"
+    """none | adam: scale every gradient by V^-1/4, V = the proxy's final AdamW second moment (optimizer_v.safetensors
+    beside its weights, written by dsdm.train), so the kernel's inner product is Adam's update metric. Factorized: the
+    rank-1 (Adafactor) fit of V per Linear; dense: exact (dsdm.sketch, "Adam preconditioning")."""
     gram: str = "float64"
     """Gram accumulation: float64 (numpy on CPU, float64 addmm on a GPU) | float32 (float32 per shard, added into
     the float64 total; relative error ~1e-7, docs/benchmarks.md)."""
@@ -120,6 +125,8 @@ class FeaturizeConfig:
             raise ValueError(f"dense_rng must be one of {DENSE_RNGS}, got {self.dense_rng!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precondition not in ("none", "adam"):
+            raise ValueError(f"precondition must be none or adam, got {self.precondition!r}")
         if self.gram not in ("float64", "float32"):
             raise ValueError(f"gram must be float64 or float32, got {self.gram!r}")
         if self.ray_worker_cpus <= 0:
@@ -133,7 +140,13 @@ class FeaturizeConfig:
 # Where and how the work runs, not what it computes: never part of a store's completion key.
 _WHERE_NOT_WHAT = ("device", "executor", "ray_address", "ray_worker_cpus")
 # Fields added after stores existed: left out of the completion key at their defaults, so those stores stay valid.
-_NEW_DEFAULTS = {"dense_rng": "pcg64", "precision": "float32", "gram": "float64", "gram_group": 256}
+_NEW_DEFAULTS = {
+    "dense_rng": "pcg64",
+    "precision": "float32",
+    "gram": "float64",
+    "gram_group": 256,
+    "precondition": "none",
+}
 # The on-disk layout of a store being filled (manifest "store_version"; absent = 1). 1: one Gram file per shard
 # under shards/; 2: done.npy records shards, grams/ one Gram per group. Finished stores read the same in both.
 STORE_VERSION = 2
@@ -307,7 +320,7 @@ def featurize_proxy(
             dim = _finalize_dim(store, slice_, read_json)
             mine, todo = plan, []
         else:
-            sketch = build_sketch(model.to(device), cfg, proxy, device)
+            sketch = build_sketch(model.to(device), cfg, proxy, device, model_dir)
             batch_size = cfg.batch_size or auto_batch_size(sketch, pool, device)
             dim = sketch.dim
             _refuse_other_settings(store, slice_, read_json)
@@ -516,7 +529,7 @@ class ShardWorker:
             batch_size,
             cfg,
         )
-        self.sketch = build_sketch(load_model(model_dir).to(device), cfg, proxy, device)
+        self.sketch = build_sketch(load_model(model_dir).to(device), cfg, proxy, device, model_dir)
 
     def run(self, start: int, stop: int) -> str:
         return featurize_shard(
@@ -533,8 +546,32 @@ class ShardWorker:
         )
 
 
-def build_sketch(model, cfg: FeaturizeConfig, proxy: int, device):
-    """The sketch `cfg` describes for proxy `proxy` (scoring builds the same one for target gradients)."""
+def second_moments_path(model_dir: str | Path) -> Path:
+    """Where dsdm.train saved a proxy's AdamW second moments; a one-line error with the fix if it is missing."""
+    path = Path(model_dir) / SECOND_MOMENTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: featurize.precondition=adam needs the proxy's optimizer state, which dsdm saves since "
+            "2026-11-29; retrain the proxies (`dsdm proxies train ... --force`) or set precondition=none"
+        )
+    return path
+
+
+def second_moments_of(model_dir: str | Path) -> dict:
+    """The AdamW second moments dsdm.train saved beside a proxy's weights, {parameter name: v}."""
+    from safetensors.torch import load_file
+
+    return load_file(str(second_moments_path(model_dir)))
+
+
+def build_sketch(model, cfg: FeaturizeConfig, proxy: int, device, model_dir: str | Path | None = None):
+    """The sketch `cfg` describes for proxy `proxy` (scoring builds the same one for target gradients). model_dir:
+    where the proxy was loaded from (its optimizer state, for precondition=adam)."""
+    moments = None
+    if cfg.precondition == "adam":
+        if model_dir is None:
+            raise ValueError("precondition=adam needs the proxy's directory (its optimizer_v.safetensors)")
+        moments = second_moments_of(model_dir)
     return make_sketch(
         model,
         cfg.projector,
@@ -546,6 +583,7 @@ def build_sketch(model, cfg: FeaturizeConfig, proxy: int, device):
         cfg.dense_projection,
         cfg.dense_rng,
         cfg.precision,
+        moments,
     )
 
 
@@ -593,6 +631,9 @@ def run(
     if pmanifest["pool_fingerprint"] != pool.fingerprint:
         raise ValueError(f"{proxies_dir} was trained on another pool (fingerprint differs from {pool_dir})")
     models = [str((proxies_dir / m).resolve()) for m in pmanifest["models"]]
+    if cfg.precondition == "adam" and not finalize:
+        for model_dir in models:  # before any work: a proxy without its optimizer state stops the run here
+            second_moments_path(model_dir)
     device, why = resolve_device(cfg.device)
     slice_ = {
         "featurize": _cfg_dict(cfg),

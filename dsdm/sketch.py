@@ -19,6 +19,14 @@ margin log(p/(1-p)) over the scored positions (docs/method.md §3.2) and Q(z) = 
   Covered: the weight and bias of every nn.Linear, including the LM head (a Linear d_model -> V; when tied to the
   token embedding only its output-side use is covered). Not covered: embedding lookups (token, position), LayerNorm.
 
+Adam preconditioning (optional, `second_moments`): Adam moves a parameter by -lr g / sqrt(v), so the first-order
+effect of training on z on a target is <grad f(target), V^-1/2 grad f(z)>, V = diag(v) (TrackStar, Chang et al. 2024,
+corrects gradients by the optimizer's second moment for this reason). Both sides are scaled by V^-1/4 before the
+projection, so the kernel's inner product is that metric. Dense: exactly, elementwise. Factorized: with v of each
+Linear's (d_out, d_in + 1) weight-and-bias matrix replaced by its rank-1 Adafactor fit r c^T / S (row sums r, column
+sums c, total S), V^-1/4 is a scaling of each side, (r / sqrt S)^-1/4 on the outputs and (c / sqrt S)^-1/4 on the
+inputs, folded into the side matrices: the sketch costs the same. v is floored at Adam's eps^2 = 1e-16 per entry.
+
 Scaling: both projectors divide by sqrt(k) (per factor: sqrt(k_o) and sqrt(k_i)), so <g(a), g(b)> is an unbiased
 estimate of <grad f(a), grad f(b)>. docs/method.md §3.4 writes 1/sqrt(p) (traker); with a relative ridge (datamodel.py)
 the scores do not depend on this constant at all.
@@ -365,6 +373,38 @@ def split_dims(linears: list[tuple[str, nn.Linear]], k: int) -> list[tuple[int, 
     return dims
 
 
+# Adam's eps (1e-8) squared: the smallest second moment that still changes Adam's step, as a floor per entry of v.
+V_FLOOR = 1e-16
+
+
+def adafactor_sides(v_weight: torch.Tensor, v_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (d_out,), in (d_in [+1],)) scalings whose outer product is V^-1/4 for the rank-1 fit V ~ r c^T / S of one
+    Linear's second moments (v_weight (d_out, d_in), v_bias (d_out,) as the constant-1 input's column)."""
+    v = v_weight.double()
+    if v_bias is not None:
+        v = torch.cat([v, v_bias.double()[:, None]], 1)
+    r = v.sum(1).clamp_min(V_FLOOR * v.shape[1])
+    c = v.sum(0).clamp_min(V_FLOOR * v.shape[0])
+    root_s = v.sum().clamp_min(V_FLOOR * v.numel()).sqrt()
+    return (r / root_s).pow(-0.25).float(), (c / root_s).pow(-0.25).float()
+
+
+def moments_by_param(model: nn.Module, second_moments: dict) -> dict[int, torch.Tensor]:
+    """{id(parameter): v} for every parameter of `model` named in `second_moments` (dsdm.train.second_moments), so a
+    tied weight finds its one v under any of its names. A parameter of the model without a v is an error."""
+    out = {}
+    for name, param in model.named_parameters():
+        if name not in second_moments:
+            raise ValueError(f"the optimizer state has no second moment for parameter {name!r}")
+        if tuple(second_moments[name].shape) != tuple(param.shape):
+            raise ValueError(
+                f"second moment of {name!r} has shape {tuple(second_moments[name].shape)}, not "
+                f"{tuple(param.shape)}: it belongs to another model"
+            )
+        out[id(param)] = second_moments[name]
+    return out
+
+
 def _side(d: int, kk: int, *keys: object) -> torch.Tensor:
     """(d, kk) projection of one side: identity when kk == d (exact), else Rademacher / sqrt(kk)."""
     return torch.eye(d) if kk == d else rademacher(d, kk, *keys) / math.sqrt(kk)
@@ -374,11 +414,19 @@ class FactorizedSketch:
     """Kronecker sketch of the per-example gradient of every nn.Linear of `model` (see the module docstring).
 
     sketch(tokens, score) -> (features (B, dim) float32, Q (B,) float32). Projection matrices are built once from
-    (seed, proxy, layer name) and kept (they are small: k_o x d_out + k_i x d_in per layer).
+    (seed, proxy, layer name) and kept (they are small: k_o x d_out + k_i x d_in per layer). second_moments: Adam's v
+    per parameter name (module docstring, "Adam preconditioning"), folded into the side matrices.
     """
 
     def __init__(
-        self, model: nn.Module, k: int, seed: int, proxy: int, device: torch.device | str = "cpu", precision="float32"
+        self,
+        model: nn.Module,
+        k: int,
+        seed: int,
+        proxy: int,
+        device: torch.device | str = "cpu",
+        precision="float32",
+        second_moments: dict | None = None,
     ):
         self.model, self.device, self.precision = model, torch.device(device), precision
         self.linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -389,11 +437,16 @@ class FactorizedSketch:
             raise ValueError("the factorized projector starts the backward at nn.Embedding outputs; none found")
         self.dims = split_dims(self.linears, k)
         self.dim = sum(ko * ki for ko, ki in self.dims)
+        moments = None if second_moments is None else moments_by_param(model, second_moments)
         self.proj = []  # per layer: P_out^T (d_out, k_o), P_in^T (d_in [+1 for bias], k_i), JL-scaled
         for (name, lin), (ko, ki) in zip(self.linears, self.dims):
             d_in = lin.in_features + (lin.bias is not None)
             p_out = _side(lin.out_features, ko, seed, proxy, name, "out")
             p_in = _side(d_in, ki, seed, proxy, name, "in")
+            if moments is not None:
+                v_bias = None if lin.bias is None else moments[id(lin.bias)]
+                out_scale, in_scale = adafactor_sides(moments[id(lin.weight)], v_bias)
+                p_out, p_in = out_scale[:, None] * p_out, in_scale[:, None] * p_in
             self.proj.append((p_out.to(device), p_in.to(device)))
 
     def sketch(self, tokens: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,6 +506,7 @@ class DenseSketch:
         projection: str = "rademacher",
         rng: str = "pcg64",
         precision: str = "float32",
+        second_moments: dict | None = None,
     ):
         if projection not in DENSE_PROJECTIONS:
             raise ValueError(f"dense projection must be one of {DENSE_PROJECTIONS}, got {projection!r}")
@@ -460,6 +514,14 @@ class DenseSketch:
             raise ValueError(f"dense rng must be one of {DENSE_RNGS}, got {rng!r}")
         self.model, self.k, self.seed, self.proxy, self.chunk = model, k, seed, proxy, chunk
         self.params = dense_params(model, params)
+        self.scales = None  # Adam preconditioning: V^-1/4 per parameter entry, exact (module docstring)
+        if second_moments is not None:
+            moments = moments_by_param(model, second_moments)
+            originals = dict(model.named_parameters(remove_duplicate=False))  # self.params holds detached copies
+            self.scales = {
+                n: moments[id(originals[n])].to(p.device).double().clamp_min(V_FLOOR).pow(-0.25).float()
+                for n, p in self.params.items()
+            }
         self.projection, self.rng, self.precision = projection, rng, precision
         self.dim = k
         self.plan = None
@@ -480,6 +542,8 @@ class DenseSketch:
         with torch.no_grad():
             q = output_and_q(self.model(tokens), tokens, score)[1]
         grads = {n: torch.cat(v).float() for n, v in parts.items()}
+        if self.scales is not None:
+            grads = {n: g * self.scales[n] for n, g in grads.items()}
         if self.projection == "srht":
             return srht_project(grads, self.k, self.seed, self.proxy, self.chunk, self.plan), q
         return dense_project(grads, self.k, self.seed, self.proxy, rng=self.rng), q
@@ -496,19 +560,29 @@ def make_sketch(
     dense_projection="rademacher",
     dense_rng="pcg64",
     precision="float32",
+    second_moments: dict | None = None,
 ):
-    """'factorized' -> FactorizedSketch, 'dense' -> DenseSketch. The model's parameters are frozen in place."""
+    """'factorized' -> FactorizedSketch, 'dense' -> DenseSketch. The model's parameters are frozen in place.
+    second_moments: Adam's v per parameter name (dsdm.train.second_moments) to precondition with, or None."""
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()  # no dropout: features are a deterministic function of (weights, tokens)
     if projector == "factorized":
-        return FactorizedSketch(model, k, seed, proxy, device, precision)
+        return FactorizedSketch(model, k, seed, proxy, device, precision, second_moments)
     if projector == "dense":
         from dsdm.model import set_attn_impl
 
         set_attn_impl(model, "eager")  # vmap has no batching rule for SDPA's backward on CPU
         return DenseSketch(
-            model, k, seed, proxy, dense_params, projection=dense_projection, rng=dense_rng, precision=precision
+            model,
+            k,
+            seed,
+            proxy,
+            dense_params,
+            projection=dense_projection,
+            rng=dense_rng,
+            precision=precision,
+            second_moments=second_moments,
         )
     raise ValueError(f"projector must be 'factorized' or 'dense', got {projector!r}")
 

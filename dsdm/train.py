@@ -19,8 +19,10 @@ Determinism and resume: the data order is a function of the step, the initial we
 no dropout in the presets, and a checkpoint holds the weights, the AdamW state and the step — so on CPU a run killed
 at any point and resumed gives bitwise the same weights as one that never stopped (tests/test_train.py).
 
-Output directory: config.json + model.safetensors (a GPT-2 checkpoint, dsdm.model), train.json (config, budget,
-final loss, wall time), curve.csv (step, tokens, loss, lr), _done.json; checkpoint/ while running.
+Output directory: config.json + model.safetensors (a GPT-2 checkpoint, dsdm.model), optimizer_v.safetensors (AdamW's
+bias-corrected second moment per parameter at the end of training: the featurizer's optional Adam preconditioner,
+docs/estimator.md "Choices"), train.json (config, budget, final loss), curve.csv (step, tokens, loss, lr),
+_done.json; checkpoint/ while running.
 """
 
 from __future__ import annotations
@@ -365,6 +367,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
         batches.close()
     bar.close()
 
+    save_second_moments(out_dir / SECOND_MOMENTS_FILE, second_moments(model, opt, cfg.beta2))
     if isinstance(model, GPT):
         tokenizer = pool.path / pool.manifest.get("tokenizer_file", "tokenizer.json")  # the ids' tokenizer, beside
         save_model(model.cpu(), out_dir, eos_id=pool.eos_id, tokenizer_json=tokenizer if tokenizer.exists() else None)
@@ -385,6 +388,32 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
     mark_done(out_dir, key, started=started, steps=total, final_loss=summary["final_loss"])
     shutil.rmtree(ckpt, ignore_errors=True)
     return out_dir
+
+
+SECOND_MOMENTS_FILE = "optimizer_v.safetensors"
+
+
+def second_moments(model: torch.nn.Module, opt: torch.optim.Optimizer, beta2: float) -> dict:
+    """AdamW's bias-corrected second moment v_hat = exp_avg_sq / (1 - beta2^t), t the parameter's own step count,
+    per parameter name of model.named_parameters() (a tied weight once, under its first name): {name: float32 CPU
+    tensor of the parameter's shape}. Parameters the optimizer never stepped are left out."""
+    out = {}
+    for name, param in model.named_parameters():
+        state = opt.state.get(param, {})
+        if "exp_avg_sq" in state:
+            correction = 1.0 - beta2 ** float(state["step"])
+            out[name] = (state["exp_avg_sq"].detach().float() / correction).cpu().contiguous()
+    return out
+
+
+def save_second_moments(path: Path, moments: dict) -> None:
+    """Write second_moments(...) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    from dsdm.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(moments, str(tmp))
 
 
 SPEED_KEYS = ("device", "dtype", "compile", "log_every", "accum_steps", "loss_chunk", "prefetch", "fused_optimizer")

@@ -147,6 +147,18 @@ def test_scoring_projects_targets_with_the_stores_own_projection(tmp_path):
     W = D.solve(np.load(store / "gram.npy"), D.mean_target_features(sk, tok, sc, "cpu")[:, None], 1e-2)
     np.testing.assert_allclose(us[0], D.stream_scores(np.load(store / "features.npy"), W), rtol=1e-6, atol=1e-9)
 
+    # an Adam-preconditioned store: the targets must get the same preconditioner (the proxy's saved second moment)
+    assert main(feat[:-1] + [str(run / "adam"), "--proj-dim", "64", "--precondition", "adam"]) == 0
+    us, _, _ = D.score_tasks_per_proxy(run / "adam", [task], D.ScoreConfig(ridge=1e-2), "cpu")
+    store = run / "adam" / "proxy_0"
+    moments = F.second_moments_of(manifest["proxies"][0])
+    model = load_model(manifest["proxies"][0])  # afresh: the dense sketch above switched its attention to eager
+    for preconditioned in (True, False):
+        sk = F.make_sketch(model, "factorized", 64, 0, 0, second_moments=moments if preconditioned else None)
+        W = D.solve(np.load(store / "gram.npy"), D.mean_target_features(sk, tok, sc, "cpu")[:, None], 1e-2)
+        by_hand = D.stream_scores(np.load(store / "features.npy"), W)
+        assert np.allclose(us[0], by_hand, rtol=1e-6, atol=1e-9) == preconditioned
+
 
 def test_singular_gram_error_names_the_real_key():
     import pytest

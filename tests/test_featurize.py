@@ -188,6 +188,102 @@ def test_factorized_equals_kronecker_projection_of_exact_layer_grads():
     assert feats.shape[1] == sk.dim <= 256
 
 
+def _planted_moments(model, seed=5):
+    """A positive second moment per parameter, far from rank 1 (log-uniform over 4 decades)."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: 10 ** (-8 + 4 * torch.rand(p.shape, generator=g)) for n, p in model.named_parameters()}
+
+
+def _layer_grad(r, lname, lin):
+    G = r[f"{lname}.weight"]  # (d_out, d_in)
+    return G if lin.bias is None else torch.cat([G, r[f"{lname}.bias"][:, None]], 1)
+
+
+def test_factorized_adam_preconditioning_is_the_rank1_fit_of_v_on_exact_layer_grads():
+    # analytic reference: each layer's exact gradient times V1^-1/4 elementwise, V1 = r c^T / S the rank-1 fit of
+    # its (weight | bias) second moments, projected by the same unscaled side matrices
+    model = TinyGPT()
+    tokens, score = batch()
+    moments = _planted_moments(model)
+    plain = F.make_sketch(model, "factorized", 256, seed=0, proxy=0)
+    sk = F.make_sketch(model, "factorized", 256, seed=0, proxy=0, second_moments=moments)
+    feats = sk.sketch(tokens, score)[0]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ref = exact_grads(model, tokens, score, [n for n, _ in model.named_parameters()])
+    expected = []
+    for r in ref:
+        parts = []
+        for (lname, lin), (p_out, p_in) in zip(plain.linears, plain.proj):
+            V = _layer_grad(moments, lname, lin).double()
+            fit = V.sum(1, keepdim=True) * V.sum(0, keepdim=True) / V.sum()
+            G = _layer_grad(r, lname, lin).double() * fit.pow(-0.25)
+            parts.append((p_out.double().T @ G @ p_in.double()).flatten())
+        expected.append(torch.cat(parts))
+    torch.testing.assert_close(feats.double(), torch.stack(expected), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(feats, plain.sketch(tokens, score)[0], rtol=0.1)  # the preconditioner acts
+
+
+def test_adam_preconditioning_dense_is_exact_and_factorized_agrees_when_v_is_rank_one():
+    # dense: exact gradients times v^-1/4 elementwise, times its P; factorized with every side exact (a budget that
+    # covers every layer) and a planted rank-1 v per Linear: the same Gram as the exact preconditioned gradients
+    model = TinyGPT(d=8, vocab=11)
+    tokens, score = batch(B=4, vocab=11)
+    g = torch.Generator().manual_seed(7)
+    moments = {}
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        r = 10 ** (-6 + 2 * torch.rand(lin.out_features, generator=g))
+        c = 10 ** (-6 + 2 * torch.rand(lin.in_features + (lin.bias is not None), generator=g))
+        v = r[:, None] * c[None, :]  # exactly rank 1
+        moments[f"{name}.weight"] = v[:, : lin.in_features]
+        if lin.bias is not None:
+            moments[f"{name}.bias"] = v[:, -1]
+    others = {n: torch.full(p.shape, 1e-4) for n, p in model.named_parameters() if n not in moments}
+    moments.update(others)
+    dense = F.make_sketch(model, "dense", 64, 3, 1, dense_params="linear", second_moments=moments)
+    dense.chunk = 2
+    fd = dense.sketch(tokens, score)[0]
+    fact = F.make_sketch(model, "factorized", 1 << 16, 0, 0, second_moments=moments).sketch(tokens, score)[0]
+    names = sorted(dense.params)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ref = exact_grads(model, tokens, score, names)
+    G = torch.stack([torch.cat([(r[n] * moments[n].pow(-0.25)).flatten() for n in names]) for r in ref])
+    P = F.dense_matrix({n: tuple(dense.params[n].shape) for n in names}, 64, 3, 1, block_elems=1 << 24)
+    torch.testing.assert_close(fd, G @ P / math.sqrt(64), rtol=1e-4, atol=1e-5)
+    Gd = G.double()
+    torch.testing.assert_close(fact.double() @ fact.double().T, Gd @ Gd.T, rtol=1e-4, atol=1e-6)
+
+
+def test_adam_preconditioning_of_a_tied_lm_head_uses_the_embeddings_second_moment():
+    # GPT ties lm_head.weight to transformer.wte.weight: one parameter, one v (saved under the wte name only)
+    from dsdm.model import build_model
+    from dsdm.sketch import adafactor_sides
+
+    model = build_model("micro", 64, 16, seed=0)
+    moments = _planted_moments(model)
+    assert "lm_head.weight" not in moments and model.lm_head.weight is model.transformer.wte.weight
+    fact = F.make_sketch(model, "factorized", 256, 0, 0, second_moments=moments)
+    plain = F.make_sketch(model, "factorized", 256, 0, 0)
+    i = [n for n, _ in fact.linears].index("lm_head")
+    out_scale, in_scale = adafactor_sides(moments["transformer.wte.weight"], None)
+    torch.testing.assert_close(fact.proj[i][0], out_scale[:, None] * plain.proj[i][0])
+    torch.testing.assert_close(fact.proj[i][1], in_scale[:, None] * plain.proj[i][1])
+    dense = F.make_sketch(model, "dense", 8, 0, 0, dense_params="linear", second_moments=moments)
+    torch.testing.assert_close(dense.scales["lm_head.weight"], moments["transformer.wte.weight"].pow(-0.25))
+
+
+def test_second_moments_of_another_model_are_refused():
+    model = TinyGPT()
+    moments = _planted_moments(TinyGPT(d=8))
+    with pytest.raises(ValueError, match="belongs to another model"):
+        F.make_sketch(model, "factorized", 256, 0, 0, second_moments=moments)
+    moments = _planted_moments(model)
+    del moments["qkv.bias"]
+    with pytest.raises(ValueError, match="no second moment for parameter 'qkv.bias'"):
+        F.make_sketch(model, "dense", 8, 0, 0, second_moments=moments)
+
+
 def test_factorized_inner_products_match_exact_within_jl_error():
     model = TinyGPT(d=16)
     tokens, score = batch(B=6)

@@ -67,3 +67,26 @@ def test_a_finished_proxy_is_not_retrained(tmp_path):
     run(pool.path, d, cfg)  # finished: nothing to do
     assert (d / "_done.json").read_bytes() == record
     assert (d / "proxy_1" / "_done.json").stat().st_mtime_ns != stamp[1]
+
+
+def test_adam_preconditioned_featurize_reads_each_proxys_optimizer_state(tmp_path):
+    """precondition=adam scales by each proxy's saved AdamW second moment (dsdm.sketch); a proxy without one is named
+    before any store is written."""
+    from dsdm.featurize import FeaturizeConfig
+    from dsdm.featurize import run as featurize
+
+    pool = _pool(tmp_path / "pool")
+    d = run(pool.path, tmp_path / "p", ProxiesConfig(n=2, fraction=0.5, seed=0, train=TRAIN))
+    cfg = dict(proj_dim=64, batch_size=4, shard_size=16, device="cpu")
+    plain = featurize(pool.path, d, tmp_path / "plain", FeaturizeConfig(**cfg))
+    adam = featurize(pool.path, d, tmp_path / "adam", FeaturizeConfig(**cfg, precondition="adam"))
+    for m in range(2):
+        a, b = (np.load(s / f"proxy_{m}" / "features.npy").astype(np.float64) for s in (plain, adam))
+        assert a.shape == b.shape and np.isfinite(b).all() and not np.allclose(a, b, rtol=0.05)
+    assert json.loads((adam / "manifest.json").read_text())["featurize"]["precondition"] == "adam"
+    assert "precondition" not in json.loads((plain / "manifest.json").read_text())["featurize"]  # old stores' key
+
+    (d / "proxy_1" / "optimizer_v.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"proxy_1/optimizer_v\.safetensors not found.*--force"):
+        featurize(pool.path, d, tmp_path / "refused", FeaturizeConfig(**cfg, precondition="adam"))
+    assert not (tmp_path / "refused").exists()

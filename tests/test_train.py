@@ -152,14 +152,14 @@ def _reference_train(pool, cfg: TrainConfig):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(loss.item())
-    return model, losses
+    return model, losses, opt
 
 
 @pytest.mark.parametrize("depth", [0, 2])
 def test_default_cpu_path_is_bitwise_the_pre_issue_15_loop(tmp_path, depth):
     pool = _pool(tmp_path / "pool")
     cfg = _cfg(steps=23, log_every=23, prefetch=depth)  # 23 x 4 over 40 examples: 2.3 epochs
-    ref_model, losses = _reference_train(pool, cfg)
+    ref_model, losses, ref_opt = _reference_train(pool, cfg)
     out = train(pool, None, cfg, tmp_path / f"run{depth}")
     got = _weights(out)
     for name, t in ref_model.state_dict().items():
@@ -170,6 +170,12 @@ def test_default_cpu_path_is_bitwise_the_pre_issue_15_loop(tmp_path, depth):
                 else t
             )
             assert torch.equal(got[name], want.contiguous()), name
+    # the saved optimizer state: Adam's bias-corrected second moment of every parameter (a tied weight once)
+    moments = load_file(str(out / "optimizer_v.safetensors"))
+    assert set(moments) == {n for n, _ in ref_model.named_parameters()} and "lm_head.weight" not in moments
+    for name, param in ref_model.named_parameters():
+        want = ref_opt.state[param]["exp_avg_sq"] / (1 - cfg.beta2**23)
+        torch.testing.assert_close(moments[name], want, rtol=1e-6, atol=0), name
     loss_row = (out / "curve.csv").read_text().splitlines()[1].split(",")[2]
     total = 0.0
     for x in losses:

@@ -127,9 +127,8 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     # the ensemble of the first proxy equals lds_target_by_proxies["1"]; DSIR enters as a row.
     assert set(rec["losses_by_task"]) == {"cooking", "sports"} and len(rec["losses_by_task"]["sports"]) == 4
     variants = tmp_path / "variants.yaml"
-    variants.write_text(
-        f"default: {{}}\nsame: {{ridge: {ScoreConfig().ridge!r}}}\nfirst: {{num_proxies: 1}}\ncos: {{normalize: both}}\n"
-    )
+    same = f"same: {{ridge: {ScoreConfig().ridge!r}}}\n"  # the default ridge, written out
+    variants.write_text(f"default: {{}}\n{same}first: {{num_proxies: 1}}\ncos: {{normalize: both}}\n")
     sweep = ["lds-sweep", "--lds", str(run / "lds"), "--features", str(run / "features"), "--variants", str(variants)]
     assert main(sweep + ["--out", str(run / "sweep"), "--set", "regime=micro test", "--set", "device=cpu"]) == 0
     capsys.readouterr()

@@ -62,6 +62,11 @@ def register(subparsers) -> None:
     f.add_argument("--out", required=True, metavar="DIR", help="feature store directory")
     f.add_argument("--proj-dim", type=int, help="projection budget k (default 4096)")
     f.add_argument("--projector", choices=["factorized", "dense"], help="sketch type (default factorized)")
+    f.add_argument(
+        "--precondition",
+        choices=["none", "adam"],
+        help="adam: scale gradients by the proxies' AdamW second moment^-1/4 (docs/estimator.md); default none",
+    )
     f.add_argument("--executor", choices=["local", "ray"], help="local (default) or ray: one actor per CPU worker/GPU")
     f.add_argument(
         "--ray-address", metavar="ADDR", help="executor=ray: auto | ray://HOST:PORT (default: a local cluster)"
@@ -198,6 +203,7 @@ def _featurize(args) -> int:
         args,
         proj_dim=args.proj_dim,
         projector=args.projector,
+        precondition=args.precondition,
         executor=args.executor,
         ray_address=args.ray_address,
     )
