@@ -340,8 +340,11 @@ def plan_stages(cfg: ExperimentConfig, ctx: "Context", cells: list[Cell]) -> lis
     where = ("device", "executor", "ray_address", "ray_worker_cpus")  # where the work runs, not what it computes
     needs_features = any(METHODS[m].estimator_scores for m in cfg.methods)
     if needs_features:
-        stages.append(Stage("proxies", {"proxy": cfg.proxy}, pool_input, ctx.train_proxies))
         feat = {k: v for k, v in cfg.featurize.items() if k not in where}
+        proxy_slice = {"proxy": cfg.proxy}
+        if feat.get("precondition") == "adam":  # proxies trained before dsdm saved AdamW's state must be retrained
+            proxy_slice["featurize"] = {"precondition": "adam"}
+        stages.append(Stage("proxies", proxy_slice, pool_input, ctx.train_proxies))
         stages.append(Stage("features", {"featurize": feat}, pool_input + ["proxies"], ctx.featurize))
     score_stages: dict[str, Stage] = {}
     for method in cfg.methods:

@@ -642,11 +642,16 @@ def run(
         "sketch_version": SKETCH_VERSION,
         **_rng_record(cfg, device),
     }
-    if is_done(out_dir, slice_, force=force):
+    # force redoes the stores even when the settings match: the runner passes it when an input changed (e.g. the
+    # proxies were retrained), which this slice of paths and settings cannot see
+    if not force and is_done(out_dir, slice_):
         log(f"{out_dir}: already featurized with this configuration; nothing to do")
         return out_dir
     if force:
         clear_done(out_dir)
+        if shard_index is None and not finalize:  # a whole-store run; slices of an array must not delete each other
+            for m in range(len(models)):
+                shutil.rmtree(out_dir / f"proxy_{m}", ignore_errors=True)
     log(f"device {why}")
     started = time.time()
     write_json(

@@ -48,7 +48,7 @@ class ProxiesConfig:
 
 
 def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bool = False) -> Path:
-    """Train cfg.n proxies on their subsets; resumable (finished proxies are skipped by the trainer)."""
+    """Train cfg.n proxies on their subsets; resumable (finished proxies are skipped by the trainer unless force)."""
     from dsdm.common import log
     from dsdm.config import from_dict, to_dict
     from dsdm.io import clear_done, is_done, mark_done, save_npy, write_json
@@ -57,7 +57,7 @@ def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bo
 
     pool, out_dir = Pool(pool_dir), Path(out_dir)
     slice_ = {"proxies": to_dict(cfg), "pool_fingerprint": pool.fingerprint}
-    if is_done(out_dir, slice_, force=force):
+    if not force and is_done(out_dir, slice_):  # force: retrain all, even with unchanged settings
         log(f"{out_dir}: proxies already trained with this configuration; nothing to do")
         return out_dir
     if force:
@@ -72,7 +72,12 @@ def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bo
         # a shared seed would give every proxy the same initial weights, and their ensemble less independence
         tcfg["seed"] = tcfg.get("seed", cfg.seed) * 1000 + m
         log(f"proxy {m}/{cfg.n}: training on {subset.size} of {len(pool)} examples")
-        model_dir = Path(train(pool, subset, from_dict(TrainConfig, tcfg, prefix="train."), out_dir / f"proxy_{m}"))
+        # `--force` (or the runner replacing an out-of-date stage) retrains every proxy, even one whose record
+        # matches; without it a finished proxy is kept (resume)
+        if force:
+            clear_done(out_dir / f"proxy_{m}")
+        tcfg = from_dict(TrainConfig, tcfg, prefix="train.")
+        model_dir = Path(train(pool, subset, tcfg, out_dir / f"proxy_{m}", force=force))
         models.append(str(model_dir.resolve().relative_to(out_dir.resolve())))
     write_json(
         out_dir / "manifest.json",

@@ -112,6 +112,40 @@ def test_changed_setting_is_refused_naming_it_and_nothing_is_written(micro, tmp_
     assert "proxies (proxy.fraction)" in capsys.readouterr().err
 
 
+def test_retrained_proxies_are_featurized_again(micro, tmp_path):
+    """A changed proxy setting with --force retrains the proxies; the features, whose own settings did not change,
+    must be recomputed from the new proxies, not kept (they were kept before: featurize saw the same settings and
+    the same proxy paths and reported "nothing to do")."""
+    root, ref = micro
+    out = _copy(ref, tmp_path / "run")
+    args = ["experiment", str(_config(root)), "--out", str(out), *FAST, "--set", "proxy.fraction=0.6", "--force"]
+    assert main(args) == 0
+    for m in (0, 1):
+        new, old = (np.load(d / "features" / f"proxy_{m}" / "features.npy") for d in (out, ref))
+        assert new.shape == old.shape and not np.array_equal(new, old), m
+    assert not np.array_equal(np.load(out / "scores/dsdm/mix.npy"), np.load(ref / "scores/dsdm/mix.npy"))
+    assert verify(out)[0] == []
+
+
+def test_switching_on_adam_preconditioning_retrains_the_proxies(micro, tmp_path, capsys):
+    """Proxies trained before dsdm saved AdamW's second moments have none: with featurize.precondition=adam the
+    proxies stage is out of date (refused, naming it), and --force retrains them (same weights, now with the state)."""
+    root, ref = micro
+    out = _copy(ref, tmp_path / "run")
+    for f in out.glob("proxies/proxy_*/optimizer_v.safetensors"):
+        f.unlink()  # as an older dsdm left them
+    weights = {p.parent.name: p.read_bytes() for p in out.glob("proxies/proxy_*/model.safetensors")}
+    args = ["experiment", str(_config(root)), "--out", str(out), *FAST, "--set", "featurize.precondition=adam"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "changed proxies (featurize); features (featurize.precondition)" in err, err
+    assert main(args + ["--force"]) == 0
+    assert weights and all((out / "proxies" / m / "optimizer_v.safetensors").exists() for m in weights)
+    assert {p.parent.name: p.read_bytes() for p in out.glob("proxies/proxy_*/model.safetensors")} == weights
+    manifest = read_json(out / "features" / "manifest.json")
+    assert manifest["featurize"]["precondition"] == "adam"
+
+
 def test_force_recomputes_the_changed_stage_and_what_depends_on_it(micro, tmp_path):
     root, ref = micro
     out = _copy(ref, tmp_path / "run")
