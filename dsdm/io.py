@@ -302,16 +302,15 @@ def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 def is_done(stage_dir: str | Path, config: dict, force: bool = False) -> bool:
     """True if `stage_dir` holds a record written with this exact `config`.
 
-    A record from a different config raises ValueError naming the changed keys, unless `force` (then False: redo).
+    A record from a different config raises ValueError naming the changed keys. force: always False (redo), also
+    when the config matches: `--force` means recompute, whatever the record says.
     """
     record = read_record(stage_dir)
-    if record is None:
+    if record is None or force:
         return False
     changed = _diff_keys(record.get("config", {}), plain(config))
     if not changed:
         return True
-    if force:
-        return False
     raise ValueError(
         f"{stage_dir} was produced by a different configuration (changed: {', '.join(changed)}). "
         "Use another output directory, or pass --force to redo this stage."

@@ -57,7 +57,7 @@ def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bo
 
     pool, out_dir = Pool(pool_dir), Path(out_dir)
     slice_ = {"proxies": to_dict(cfg), "pool_fingerprint": pool.fingerprint}
-    if not force and is_done(out_dir, slice_):  # force: retrain all, even with unchanged settings
+    if is_done(out_dir, slice_, force=force):
         log(f"{out_dir}: proxies already trained with this configuration; nothing to do")
         return out_dir
     if force:
@@ -74,8 +74,6 @@ def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bo
         log(f"proxy {m}/{cfg.n}: training on {subset.size} of {len(pool)} examples")
         # `--force` (or the runner replacing an out-of-date stage) retrains every proxy, even one whose record
         # matches; without it a finished proxy is kept (resume)
-        if force:
-            clear_done(out_dir / f"proxy_{m}")
         tcfg = from_dict(TrainConfig, tcfg, prefix="train.")
         model_dir = Path(train(pool, subset, tcfg, out_dir / f"proxy_{m}", force=force))
         models.append(str(model_dir.resolve().relative_to(out_dir.resolve())))

@@ -236,7 +236,7 @@ def test_dsdm_score_files(tmp_path):
         make("dsir", {"buckets": 5})
 
 
-def test_dsdm_selection_rules_tempered_and_balanced(tmp_path):
+def test_dsdm_selection_rules_tempered_and_balanced(tmp_path, capsys):
     """rule=tempered is select.tempered_k on the same stream; rule=balanced (CLI: the pool's source column bound by
     the driver) keeps each source's share; the inverse control applies the rule to the negated scores."""
     from dsdm.cli import main
@@ -265,6 +265,24 @@ def test_dsdm_selection_rules_tempered_and_balanced(tmp_path):
         assert "within each source" in json.loads((out / "selection.json").read_text())["rule"]
     bad = ["baseline", "dsdm", *base, "--set", "rule=balanced", "--set", "balance_by=genre"]
     assert main(bad + ["--out", str(tmp_path / "bad")]) == 2
+
+    # new scores written to the same path are a changed input: refused, naming it (the stage key held only the
+    # path, so the old selection was returned as up to date), then --force follows them; and --force redoes a
+    # selection whose settings and scores are unchanged
+    out = tmp_path / "rescored"
+    assert main(["baseline", "dsdm", *base, "--out", str(out)]) == 0
+    assert np.load(out / "indices.npy").tolist() == np.sort(np.argsort(-s, kind="stable")[:12]).tolist()
+    np.save(tmp_path / "s.npy", -s)
+    capsys.readouterr()
+    assert main(["baseline", "dsdm", *base, "--out", str(out)]) == 2
+    assert "changed: scores_sha256" in capsys.readouterr().err
+    assert main(["baseline", "dsdm", *base, "--out", str(out), "--force"]) == 0
+    assert np.load(out / "indices.npy").tolist() == np.sort(np.argsort(s, kind="stable")[:12]).tolist()
+    stamp = (out / "selection.json").stat().st_mtime_ns
+    assert main(["baseline", "dsdm", *base, "--out", str(out)]) == 0
+    assert (out / "selection.json").stat().st_mtime_ns == stamp  # up to date: nothing redone
+    assert main(["baseline", "dsdm", *base, "--out", str(out), "--force"]) == 0
+    assert (out / "selection.json").stat().st_mtime_ns != stamp
 
 
 # --- the driver and the CLI ----------------------------------------------------------------------------------------

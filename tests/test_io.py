@@ -39,6 +39,7 @@ def test_done_marker_matches_config_and_names_changed_keys(tmp_path):
     with pytest.raises(ValueError, match="changed: b.c"):
         is_done(tmp_path, {"a": 1, "b": {"c": 3}})
     assert not is_done(tmp_path, {"a": 2, "b": {"c": 2}}, force=True)
+    assert not is_done(tmp_path, {"a": 1, "b": {"c": 2}}, force=True)  # --force redoes a matching record too
     record = read_json(tmp_path / "_done.json")
     assert record["dsdm_version"] and "wall_time_s" in record
 

@@ -203,3 +203,17 @@ def test_learning_rate_defaults_per_preset():
     assert TrainConfig(preset="gpt2-125m", lr=1e-4).lr == 1e-4
     with pytest.raises(ValueError, match="accum_steps"):
         TrainConfig(batch_size=6, accum_steps=4)
+
+
+def test_force_retrains_a_finished_run(tmp_path):
+    # force=True redoes the run even when its record matches (it returned the old run before); the weights are the
+    # same bits, being a pure function of the settings
+    pool = _pool(tmp_path / "pool")
+    cfg = _cfg(steps=3, log_every=1)
+    out = train(pool, None, cfg, tmp_path / "run")
+    weights, stamp = (out / "model.safetensors").read_bytes(), (out / "_done.json").stat().st_mtime_ns
+    train(pool, None, cfg, out)
+    assert (out / "_done.json").stat().st_mtime_ns == stamp
+    train(pool, None, cfg, out, force=True)
+    assert (out / "_done.json").stat().st_mtime_ns != stamp
+    assert (out / "model.safetensors").read_bytes() == weights

@@ -51,7 +51,7 @@ from dsdm.baselines.random import Random
 from dsdm.baselines.semdedup import SemDeDup
 from dsdm.common import check_requirements, log, numpy_rng, progress
 from dsdm.config import from_dict, to_dict
-from dsdm.io import clear_done, is_done, mark_done, read_json, save_npy
+from dsdm.io import clear_done, is_done, mark_done, read_json, save_npy, sha256_file
 from dsdm.pool import Pool
 from dsdm.shards import plan_shards, ray_init, run_on_actors
 from dsdm.tasks import load_task
@@ -247,6 +247,9 @@ def run(
         "params": to_dict(est),
         "pool_fingerprint": pool.fingerprint,
     }
+    if getattr(est, "estimator_scores", False) and Path(est.scores).is_file():
+        # the score file's content, not only its path: re-scoring into the same path must not keep the old selection
+        stage_cfg["scores_sha256"] = sha256_file(est.scores)
     if is_done(out_dir, stage_cfg, force=force):
         log(f"{out_dir} is up to date ({method}, k={k}); pass --force to redo")
         return read_json(out_dir / "selection.json")
