@@ -642,9 +642,9 @@ def run(
         "sketch_version": SKETCH_VERSION,
         **_rng_record(cfg, device),
     }
-    # force redoes the stores even when the settings match: the runner passes it when an input changed (e.g. the
-    # proxies were retrained), which this slice of paths and settings cannot see
-    if not force and is_done(out_dir, slice_):
+    # force redoes the stores even when the settings match (is_done): the runner passes it when an input changed
+    # (e.g. the proxies were retrained), which this slice of paths and settings cannot see
+    if is_done(out_dir, slice_, force=force):
         log(f"{out_dir}: already featurized with this configuration; nothing to do")
         return out_dir
     if force:
