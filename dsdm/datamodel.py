@@ -30,6 +30,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from dsdm.shards import plan_shards, ray_init, run_on_actors
+from dsdm.sketch import OUTPUTS
 
 
 def solve(gram: np.ndarray, gbar: np.ndarray, ridge: float) -> np.ndarray:
@@ -246,6 +247,9 @@ class ScoreConfig:
     stores only (a dense store's columns mix all parameters)."""
     num_proxies: int = 0
     """Ensemble only the first m proxies of the store (0 = all): the ensemble-size ablation without re-featurizing."""
+    target_output: str = "margin"
+    """The target side's output function: margin (mean log(p / (1 - p)), TRAK's, as on the pool side) | logp (mean
+    log p of the continuation, minus the loss the experiments measure; docs/estimator.md round 10)."""
     executor: str = "local"
     """Where the pool pass u = G W runs (how, never what: no part of a stage's key): local (this process, on
     `device`) | ray (Ray actors on CPUs, each memmapping the store from its path and multiplying the row blocks of
@@ -268,6 +272,8 @@ class ScoreConfig:
             raise ValueError(f"score.kernel must be global or per_layer, got {self.kernel!r}")
         if self.num_proxies < 0:
             raise ValueError(f"score.num_proxies must be >= 0 (0 = all), got {self.num_proxies}")
+        if self.target_output not in OUTPUTS:
+            raise ValueError(f"score.target_output must be one of {', '.join(OUTPUTS)}, got {self.target_output!r}")
         if self.block <= 0:
             raise ValueError(f"block must be positive, got {self.block}")
         if self.executor not in ("local", "ray"):
@@ -345,6 +351,7 @@ def score_tasks_per_proxy(
     for m, store in enumerate(stores):
         model = load_model(manifest["proxies"][m]).to(device)
         sketch = build_sketch(model, fcfg, m, device, manifest["proxies"][m])
+        sketch.output = cfg.target_output  # the pool side's stored features are always of the margin
         layout = feature_layout(sketch)
         unit = None
         if cfg.normalize in ("target", "both"):

@@ -3,7 +3,8 @@
 
 Layout of a proxies directory:
 
-    manifest.json           pool path + fingerprint, n, fraction, seed, the model directories (relative), train config
+    manifest.json           pool path + fingerprint, n, fraction, seed, the model directories (relative: the M
+                            finals, then proxy_<m>/snapshot_<f> for each snapshot fraction), train config
     subsets/proxy_<m>.npy   (round(fraction * N),) int64, sorted: the examples proxy m was trained on
     proxy_<m>/              the trainer's output directory (dsdm.train): weights, sidecar, its own _done.json
     _done.json              written last
@@ -39,12 +40,20 @@ class ProxiesConfig:
     """Seed of the subset draws; proxy m's trainer seed is base * 1000 + m, base = train.seed if set, else seed."""
     train: dict = field(default_factory=dict)
     """Trainer settings (dsdm.train.TrainConfig keys), e.g. {preset: tiny, steps: 300}."""
+    snapshots: list[float] = field(default_factory=list)
+    """Also ensemble each proxy's weights after these fractions of its training (TracIn/SOURCE's checkpoints along
+    training; docs/estimator.md round 10), e.g. [0.5]. The manifest lists the M finals first, then the M snapshots of
+    each fraction, latest first, so score.num_proxies = M keeps the finals only."""
 
     def __post_init__(self):
         if self.n <= 0:
             raise ValueError(f"n (number of proxies) must be positive, got {self.n}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if "snapshots" in self.train:
+            raise ValueError(
+                "set the proxies' snapshots as proxy.snapshots (they are ensemble members), not train.snapshots"
+            )
 
 
 def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bool = False) -> Path:
@@ -53,10 +62,13 @@ def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bo
     from dsdm.config import from_dict, to_dict
     from dsdm.io import clear_done, is_done, mark_done, save_npy, write_json
     from dsdm.pool import Pool
-    from dsdm.train import TrainConfig, train
+    from dsdm.train import TrainConfig, snapshot_name, train
 
     pool, out_dir = Pool(pool_dir), Path(out_dir)
-    slice_ = {"proxies": to_dict(cfg), "pool_fingerprint": pool.fingerprint}
+    settings = to_dict(cfg)
+    if not cfg.snapshots:  # added after proxies existed: absent at its default, so their records stay valid
+        del settings["snapshots"]
+    slice_ = {"proxies": settings, "pool_fingerprint": pool.fingerprint}
     if is_done(out_dir, slice_, force=force):
         log(f"{out_dir}: proxies already trained with this configuration; nothing to do")
         return out_dir
@@ -71,12 +83,15 @@ def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bo
         # a distinct trainer seed (initial weights, data order) per proxy, also when the user sets train.seed:
         # a shared seed would give every proxy the same initial weights, and their ensemble less independence
         tcfg["seed"] = tcfg.get("seed", cfg.seed) * 1000 + m
+        tcfg["snapshots"] = list(cfg.snapshots)
         log(f"proxy {m}/{cfg.n}: training on {subset.size} of {len(pool)} examples")
         # `--force` (or the runner replacing an out-of-date stage) retrains every proxy, even one whose record
         # matches; without it a finished proxy is kept (resume)
         tcfg = from_dict(TrainConfig, tcfg, prefix="train.")
         model_dir = Path(train(pool, subset, tcfg, out_dir / f"proxy_{m}", force=force))
         models.append(str(model_dir.resolve().relative_to(out_dir.resolve())))
+    # ensemble members: the finals, then each snapshot level (latest first), every level in proxy order
+    models += [f"{m}/{snapshot_name(f)}" for f in sorted(cfg.snapshots, reverse=True) for m in models[: cfg.n]]
     write_json(
         out_dir / "manifest.json",
         {

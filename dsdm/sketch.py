@@ -101,17 +101,29 @@ def margins_and_probs(
     return margin, prob
 
 
+OUTPUTS = ("margin", "logp")
+
+
 def output_and_q(
-    logits: torch.Tensor, tokens: torch.Tensor, score: torch.Tensor, fast_backward: bool = False
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    score: torch.Tensor,
+    fast_backward: bool = False,
+    output: str = "margin",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """f = mean margin and Q = mean (1 - p) over scored positions. score (B, T) bool marks scored TOKENS (t >= 1).
 
-    Returns f (B,) (differentiable) and Q (B,) (detached). fast_backward: see margins_and_probs.
+    Returns f (B,) (differentiable) and Q (B,) (detached). fast_backward: see margins_and_probs. output="logp": f is
+    the mean log p = log sigmoid(margin) instead (minus the mean NLL; per token (1 - p) times the margin's gradient),
+    the target side's alternative output function (ScoreConfig.target_output).
     """
+    if output not in OUTPUTS:
+        raise ValueError(f"output function must be one of {OUTPUTS}, got {output!r}")
     margin, prob = margins_and_probs(logits, tokens, fast_backward)
     w = score[:, 1:].to(margin.dtype)  # token t is predicted at position t-1
     n = w.sum(1).clamp_min(1.0)
-    f = (margin * w).sum(1) / n
+    per_token = margin if output == "margin" else nn.functional.logsigmoid(margin)
+    f = (per_token * w).sum(1) / n
     q = ((1.0 - prob.detach()) * w).sum(1) / n
     return f, q
 
@@ -176,15 +188,18 @@ def dense_params(model: nn.Module, which: str = "all") -> dict[str, torch.Tensor
     return out
 
 
-def per_example_grads(model: nn.Module, params: dict, tokens: torch.Tensor, score: torch.Tensor) -> dict:
-    """Per-example gradients of f (mean margin). tokens, score: (B, T). Returns {name: (B, *param.shape)}.
+def per_example_grads(
+    model: nn.Module, params: dict, tokens: torch.Tensor, score: torch.Tensor, output: str = "margin"
+) -> dict:
+    """Per-example gradients of f (mean margin, or mean log p: output_and_q). tokens, score: (B, T). Returns
+    {name: (B, *param.shape)}.
 
     Needs an attention path with a vmap batching rule (eager attention on CPU).
     """
 
     def f_one(p, tok, sc):
         logits = functional_call(model, p, (tok[None],))
-        return output_and_q(logits, tok[None], sc[None])[0][0]
+        return output_and_q(logits, tok[None], sc[None], output=output)[0][0]
 
     return vmap(grad(f_one), in_dims=(None, 0, 0))(params, tokens, score)
 
@@ -429,6 +444,7 @@ class FactorizedSketch:
         second_moments: dict | None = None,
     ):
         self.model, self.device, self.precision = model, torch.device(device), precision
+        self.output = "margin"  # the output function differentiated (output_and_q); scoring sets it per side
         self.linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         if not self.linears:
             raise ValueError("the factorized projector needs a model with nn.Linear layers; use --projector dense")
@@ -477,7 +493,7 @@ class FactorizedSketch:
             with torch.enable_grad():
                 with compute_precision(self.precision, self.device):
                     logits = self.model(tokens)
-                f, q = output_and_q(logits, tokens, score, fast_backward=True)
+                f, q = output_and_q(logits, tokens, score, fast_backward=True, output=self.output)
                 f.sum().backward()
         finally:
             for h in handles:
@@ -513,6 +529,7 @@ class DenseSketch:
         if rng not in DENSE_RNGS:
             raise ValueError(f"dense rng must be one of {DENSE_RNGS}, got {rng!r}")
         self.model, self.k, self.seed, self.proxy, self.chunk = model, k, seed, proxy, chunk
+        self.output = "margin"  # the output function differentiated (output_and_q); scoring sets it per side
         self.params = dense_params(model, params)
         self.scales = None  # Adam preconditioning: V^-1/4 per parameter entry, exact (module docstring)
         if second_moments is not None:
@@ -535,7 +552,11 @@ class DenseSketch:
         for start in range(0, tokens.shape[0], self.chunk):
             with compute_precision(self.precision, tokens.device):
                 grads = per_example_grads(
-                    self.model, self.params, tokens[start : start + self.chunk], score[start : start + self.chunk]
+                    self.model,
+                    self.params,
+                    tokens[start : start + self.chunk],
+                    score[start : start + self.chunk],
+                    self.output,
                 )
             for n, g in grads.items():
                 parts[n].append(g)

@@ -22,7 +22,8 @@ at any point and resumed gives bitwise the same weights as one that never stoppe
 Output directory: config.json + model.safetensors (a GPT-2 checkpoint, dsdm.model), optimizer_v.safetensors (AdamW's
 bias-corrected second moment per parameter at the end of training: the featurizer's optional Adam preconditioner,
 docs/estimator.md "Choices"), train.json (config, budget, final loss), curve.csv (step, tokens, loss, lr),
-_done.json; checkpoint/ while running.
+_done.json; checkpoint/ while running; snapshot_<f>/ (the same files as a model directory) for each fraction of
+TrainConfig.snapshots.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,10 @@ class TrainConfig:
     """Steps between checkpoints; 0 = about 10 per run. The checkpoint is the unit of resume."""
     log_every: int = 10
     """Steps between curve.csv rows."""
+    snapshots: list[float] = field(default_factory=list)
+    """Fractions f in (0, 1) of the run after which the model is also saved, to out_dir/snapshot_<f>/ (a model
+    directory like out_dir: weights, optimizer second moments, tokenizer) after step max(1, round(f x steps)): the
+    checkpoints along training that TracIn/SOURCE-style estimators ensemble over (docs/estimator.md, round 10)."""
 
     def __post_init__(self):
         if self.lr is None:  # resolved here, so the run's key and train.json record the value actually used
@@ -103,6 +108,8 @@ class TrainConfig:
             raise ValueError("loss_chunk and prefetch must be >= -1 (-1: off / auto)")
         if not 0 <= self.warmup_fraction < 1 or not 0 <= self.final_lr_fraction <= 1:
             raise ValueError("warmup_fraction must be in [0, 1) and final_lr_fraction in [0, 1]")
+        if any(not 0 < f < 1 for f in self.snapshots) or len(set(self.snapshots)) != len(self.snapshots):
+            raise ValueError(f"snapshots must be distinct fractions in (0, 1), got {self.snapshots}")
 
 
 # Peak learning rate when TrainConfig.lr is unset. The small presets keep the 3e-3 every CPU run has used; above
@@ -274,7 +281,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
     from dsdm.common import log, progress, resolve_device, resolve_dtype
     from dsdm.config import to_dict
     from dsdm.io import clear_done, is_done, mark_done, write_json
-    from dsdm.model import GPT, load_weights, save_model
+    from dsdm.model import GPT, load_weights
 
     out_dir = Path(out_dir)
     indices = np.arange(len(pool), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -284,6 +291,8 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
         raise ValueError(f"training indices must lie in [0, {len(pool)}), got [{indices.min()}, {indices.max()}]")
     # These change speed or memory (and float rounding), not the recipe: they are left out of the completion key.
     recipe = {k: v for k, v in to_dict(cfg).items() if k not in SPEED_KEYS}
+    if not cfg.snapshots:  # added after models existed: absent at its default, so their records stay valid
+        del recipe["snapshots"]
     key = {
         "train": recipe,
         "pool": pool.fingerprint,
@@ -298,6 +307,9 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
     dtype, dtype_why = resolve_dtype(cfg.dtype, device)
     total = num_steps(cfg, pool.seq_len, indices.size)
     every = cfg.checkpoint_every or max(1, math.ceil(total / 10))
+    snapshot_steps: dict[int, list[float]] = {}
+    for f in cfg.snapshots:
+        snapshot_steps.setdefault(snapshot_step(f, total), []).append(f)
     started = time.time()
 
     model = _fresh_model(pool, cfg).to(device)
@@ -348,6 +360,8 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
             loss_acc += loss
             loss_n += 1
             bar.update(tokens_per_step)
+            for f in snapshot_steps.get(step, ()):  # before the checkpoint that follows: a resume never skips one
+                _save_model_dir(out_dir / snapshot_name(f), model, opt, cfg, pool)
             if step % cfg.log_every == 0 or step == total:
                 mean = loss_acc.item() / loss_n
                 curve.append({"step": step, "tokens": step * tokens_per_step, "loss": mean, "lr": lr})
@@ -367,12 +381,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
         batches.close()
     bar.close()
 
-    save_second_moments(out_dir / SECOND_MOMENTS_FILE, second_moments(model, opt, cfg.beta2))
-    if isinstance(model, GPT):
-        tokenizer = pool.path / pool.manifest.get("tokenizer_file", "tokenizer.json")  # the ids' tokenizer, beside
-        save_model(model.cpu(), out_dir, eos_id=pool.eos_id, tokenizer_json=tokenizer if tokenizer.exists() else None)
-    else:  # a Hugging Face model we continued training
-        model.hf.save_pretrained(str(out_dir), safe_serialization=True)
+    _save_model_dir(out_dir, model, opt, cfg, pool)
     _write_curve(out_dir / "curve.csv", curve)
     summary = {
         "config": to_dict(cfg),
@@ -391,6 +400,28 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
 
 
 SECOND_MOMENTS_FILE = "optimizer_v.safetensors"
+
+
+def snapshot_step(fraction: float, total: int) -> int:
+    """The step after which TrainConfig.snapshots' `fraction` is saved: max(1, round(fraction x total))."""
+    return max(1, round(fraction * total))
+
+
+def snapshot_name(fraction: float) -> str:
+    """The snapshot's directory name under the run's out_dir, e.g. snapshot_0.75."""
+    return f"snapshot_{fraction:g}"
+
+
+def _save_model_dir(out_dir: Path, model, opt, cfg: TrainConfig, pool) -> None:
+    """A loadable model directory: AdamW's second moments, then the weights (and the pool's tokenizer beside)."""
+    from dsdm.model import GPT, save_model
+
+    save_second_moments(out_dir / SECOND_MOMENTS_FILE, second_moments(model, opt, cfg.beta2))
+    if isinstance(model, GPT):
+        tokenizer = pool.path / pool.manifest.get("tokenizer_file", "tokenizer.json")  # the ids' tokenizer, beside
+        save_model(model, out_dir, eos_id=pool.eos_id, tokenizer_json=tokenizer if tokenizer.exists() else None)
+    else:  # a Hugging Face model we continued training
+        model.hf.save_pretrained(str(out_dir), safe_serialization=True)
 
 
 def second_moments(model: torch.nn.Module, opt: torch.optim.Optimizer, beta2: float) -> dict:

@@ -147,6 +147,13 @@ def test_scoring_projects_targets_with_the_stores_own_projection(tmp_path):
     W = D.solve(np.load(store / "gram.npy"), D.mean_target_features(sk, tok, sc, "cpu")[:, None], 1e-2)
     np.testing.assert_allclose(us[0], D.stream_scores(np.load(store / "features.npy"), W), rtol=1e-6, atol=1e-9)
 
+    # target_output=logp: only the targets' output function changes; the pool's stored (margin) features are kept
+    logp, _, _ = D.score_tasks_per_proxy(run / "features", [task], D.ScoreConfig(target_output="logp"), "cpu")
+    sk.output = "logp"
+    W = D.solve(np.load(store / "gram.npy"), D.mean_target_features(sk, tok, sc, "cpu")[:, None], 1e-2)
+    np.testing.assert_allclose(logp[0], D.stream_scores(np.load(store / "features.npy"), W), rtol=1e-6, atol=1e-9)
+    assert not np.allclose(logp[0], us[0])
+
     # an Adam-preconditioned store: the targets must get the same preconditioner (the proxy's saved second moment)
     assert main(feat[:-1] + [str(run / "adam"), "--proj-dim", "64", "--precondition", "adam"]) == 0
     us, _, _ = D.score_tasks_per_proxy(run / "adam", [task], D.ScoreConfig(ridge=1e-2), "cpu")
@@ -230,6 +237,6 @@ def test_target_normalization_weighs_every_target_example_equally():
 
 
 def test_score_config_rejects_unknown_variant_values():
-    for bad in ({"normalize": "cosine"}, {"kernel": "kfac"}, {"num_proxies": -1}):
+    for bad in ({"normalize": "cosine"}, {"kernel": "kfac"}, {"num_proxies": -1}, {"target_output": "loss"}):
         with np.testing.assert_raises(ValueError):
             D.ScoreConfig(**bad)

@@ -47,12 +47,12 @@ def batch(B=5, T=12, vocab=23, seed=1):
     return tokens, score
 
 
-def exact_grads(model, tokens, score, names):
+def exact_grads(model, tokens, score, names, output="margin"):
     """Loop of torch.autograd.grad, one example at a time: the reference."""
     params = dict(model.named_parameters())
     out = []
     for b in range(tokens.shape[0]):
-        f, _ = F.output_and_q(model(tokens[b : b + 1]), tokens[b : b + 1], score[b : b + 1])
+        f, _ = F.output_and_q(model(tokens[b : b + 1]), tokens[b : b + 1], score[b : b + 1], output=output)
         gs = torch.autograd.grad(f[0], [params[n] for n in names], allow_unused=True)
         out.append({n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, gs)})
     return out
@@ -71,6 +71,26 @@ def test_output_function_matches_log_odds():
     q_ref = ((1 - p) * w).sum(1) / w.sum(1)
     torch.testing.assert_close(f.double(), f_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(q.double(), q_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_logp_output_is_minus_the_mean_continuation_nll_with_its_gradient():
+    """output="logp" (ScoreConfig.target_output): f = -(mean cross-entropy over the scored tokens), and d f / d logits
+    is that of torch's cross_entropy (float64), on both margin paths."""
+    tokens, score = batch(B=4, T=10, vocab=23)
+    base = torch.randn(4, 10, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ref_logits = base.clone().requires_grad_(True)
+    w = score[:, 1:].double()
+    nll = torch.nn.functional.cross_entropy(ref_logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    f_ref = -(nll * w).sum(1) / w.sum(1)
+    f_ref.sum().backward()
+    for fast in (False, True):
+        logits = base.clone().requires_grad_(True)
+        f, _ = F.output_and_q(logits, tokens, score, fast_backward=fast, output="logp")
+        f.sum().backward()
+        torch.testing.assert_close(f.double(), f_ref.detach(), rtol=1e-5, atol=1e-6)  # margins are float32
+        torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="output function"):
+        F.output_and_q(base, tokens, score, output="loss")
 
 
 def test_fast_backward_is_bitwise_plain_autograd():
@@ -93,17 +113,19 @@ def test_rademacher_is_seeded_and_distinct():
     assert set(a.unique().tolist()) == {-1.0, 1.0}
 
 
-def test_dense_equals_exact_gradients_times_projection():
+@pytest.mark.parametrize("output", ["margin", "logp"])
+def test_dense_equals_exact_gradients_times_projection(output):
     model = TinyGPT()
     tokens, score = batch()
     k = 64
     sk = F.make_sketch(model, "dense", k, seed=3, proxy=1)
     sk.chunk = 2  # gradients in vmap chunks of 2, projected together
+    sk.output = output
     feats, q = sk.sketch(tokens, score)
     names = sorted(sk.params)
     for p in model.parameters():
         p.requires_grad_(True)
-    ref = exact_grads(model, tokens, score, names)
+    ref = exact_grads(model, tokens, score, names, output)
     G = torch.stack([torch.cat([r[n].flatten() for n in names]) for r in ref])  # (B, p)
     P = F.dense_matrix({n: tuple(sk.params[n].shape) for n in names}, k, 3, 1, block_elems=1 << 24)
     torch.testing.assert_close(feats, G @ P / math.sqrt(k), rtol=1e-4, atol=1e-5)
@@ -166,15 +188,17 @@ def test_srht_inner_products_are_as_good_as_iid_rademacher():
     assert ((torch.stack(grams).mean(0) - K).norm() / K.norm()).item() < min(errs)
 
 
-def test_factorized_equals_kronecker_projection_of_exact_layer_grads():
+@pytest.mark.parametrize("output", ["margin", "logp"])
+def test_factorized_equals_kronecker_projection_of_exact_layer_grads(output):
     model = TinyGPT()
     tokens, score = batch()
     sk = F.make_sketch(model, "factorized", 256, seed=0, proxy=0)
+    sk.output = output
     feats, q = sk.sketch(tokens, score)
     for p in model.parameters():
         p.requires_grad_(True)
     names = [n for n, _ in model.named_parameters()]
-    ref = exact_grads(model, tokens, score, names)
+    ref = exact_grads(model, tokens, score, names, output)
     expected = []
     for r in ref:
         parts = []

@@ -90,3 +90,52 @@ def test_adam_preconditioned_featurize_reads_each_proxys_optimizer_state(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"proxy_1/optimizer_v\.safetensors not found.*--force"):
         featurize(pool.path, d, tmp_path / "refused", FeaturizeConfig(**cfg, precondition="adam"))
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_snapshot_is_the_model_after_its_step_and_leaves_the_final_unchanged(tmp_path):
+    """TrainConfig.snapshots: with a constant learning rate the first s steps of a longer run are an s-step run
+    (the data order depends on the step only), so snapshot_0.5 of a 6-step run must be bitwise the 3-step model,
+    with its optimizer state; and saving it must not change the final weights."""
+    from dsdm.train import SECOND_MOMENTS_FILE, TrainConfig, train
+
+    pool = _pool(tmp_path / "pool")
+    flat = dict(preset="micro", batch_size=4, device="cpu", warmup_fraction=0.0, final_lr_fraction=1.0, seed=3)
+    long = train(pool, None, TrainConfig(**flat, steps=6, snapshots=[0.5]), tmp_path / "long")
+    short = train(pool, None, TrainConfig(**flat, steps=3), tmp_path / "short")
+    plain = train(pool, None, TrainConfig(**flat, steps=6), tmp_path / "plain")
+    for name in ("model.safetensors", SECOND_MOMENTS_FILE, "config.json", "tokenizer.json"):
+        if (short / name).exists():
+            assert (long / "snapshot_0.5" / name).read_bytes() == (short / name).read_bytes(), name
+    assert (long / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+    assert (long / "model.safetensors").read_bytes() != (short / "model.safetensors").read_bytes()
+    # runs without snapshots keep the completion key they had before the setting existed
+    assert "snapshots" not in json.loads((plain / "_done.json").read_text())["config"]["train"]
+    with pytest.raises(ValueError, match="snapshots"):
+        TrainConfig(snapshots=[1.0])
+
+
+def test_snapshots_are_ensemble_members_after_the_finals(tmp_path):
+    """proxy.snapshots: the manifest lists the finals first, then each snapshot level (latest first), so the
+    featurized members 0..M-1 are bitwise the stores of the same proxies without snapshots (same projection seeds)."""
+    from dsdm.featurize import FeaturizeConfig
+    from dsdm.featurize import run as featurize
+
+    pool = _pool(tmp_path / "pool")
+    train = {**TRAIN, "steps": 4}
+    plain = run(pool.path, tmp_path / "plain", ProxiesConfig(n=2, fraction=0.5, train=train))
+    snap = run(pool.path, tmp_path / "snap", ProxiesConfig(n=2, fraction=0.5, train=train, snapshots=[0.25, 0.5]))
+    manifest = json.loads((snap / "manifest.json").read_text())
+    assert manifest["models"] == [
+        "proxy_0", "proxy_1", "proxy_0/snapshot_0.5", "proxy_1/snapshot_0.5", "proxy_0/snapshot_0.25",
+        "proxy_1/snapshot_0.25",
+    ]  # fmt: skip
+    assert "snapshots" not in json.loads((plain / "_done.json").read_text())["config"]["proxies"]
+    cfg = FeaturizeConfig(proj_dim=64, batch_size=4, shard_size=16, device="cpu")
+    fp, fs = featurize(pool.path, plain, tmp_path / "fp", cfg), featurize(pool.path, snap, tmp_path / "fs", cfg)
+    assert json.loads((fs / "manifest.json").read_text())["num_proxies"] == 6
+    for m in range(2):
+        assert (fp / f"proxy_{m}" / "features.npy").read_bytes() == (fs / f"proxy_{m}" / "features.npy").read_bytes()
+    members = [np.load(fs / f"proxy_{m}" / "features.npy") for m in range(6)]
+    assert all(not np.array_equal(members[0], b) for b in members[1:])
+    with pytest.raises(ValueError, match="proxy.snapshots"):
+        ProxiesConfig(train={"snapshots": [0.5]})

@@ -33,6 +33,12 @@ def register(subparsers) -> None:
     t.add_argument("--n", type=int, help="number of proxies M (default 4)")
     t.add_argument("--fraction", type=float, help="fraction of the pool per proxy (default 0.4)")
     t.add_argument("--seed", type=int, help="seed of the subset draws (default 0)")
+    t.add_argument(
+        "--snapshots",
+        type=_fractions,
+        metavar="F[,F..]",
+        help="also save and ensemble each proxy after these fractions of its training, e.g. 0.5 (default none)",
+    )
     add_config_args(t)
     t.set_defaults(func=_proxies)
 
@@ -187,10 +193,17 @@ def register(subparsers) -> None:
     w.set_defaults(func=_sweep)
 
 
+def _fractions(text: str) -> list[float]:
+    """--snapshots 0.25,0.5 -> [0.25, 0.5] (argparse turns the ValueError into a usage error naming the flag)."""
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def _proxies(args) -> int:
     from dsdm.proxies import ProxiesConfig, run
 
-    cfg = config_from_args(ProxiesConfig, args, n=args.n, fraction=args.fraction, seed=args.seed)
+    cfg = config_from_args(
+        ProxiesConfig, args, n=args.n, fraction=args.fraction, seed=args.seed, snapshots=args.snapshots
+    )
     print(run(args.pool, args.out, cfg, force=args.force))
     return 0
 
