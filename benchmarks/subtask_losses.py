@@ -6,7 +6,7 @@ field of the example id (`holdout-addition-00000` -> addition). Every model of R
 holdout split with the run's pool tokenizer (the experiments evaluate a seeded subsample of it, so the "all" column
 differs slightly from results.csv); rows are grouped by model name without its seed suffix, mean (per-seed values).
 
-Run:  .venv/bin/python benchmarks/subtask_losses.py RUN TASK_DIR      e.g. runs/curve-full runs/data-full/tasks/algorithmic
+Run:  .venv/bin/python benchmarks/subtask_losses.py RUN TASK   (e.g. runs/curve-full runs/data-full/tasks/algorithmic)
 """
 
 from __future__ import annotations
