@@ -129,11 +129,15 @@ def equivalent_compute(loss: float, curve: list[tuple[float, float, float]]) -> 
 
     Inside the curve's loss range: interpolate log2(c) linearly in loss between the bracketing points (flag "").
     Outside: extend the nearest end segment (flag ">" beyond the largest multiplier, "<" below the smallest).
-    A curve with fewer than two points or no loss decrease gives (nan, "?")."""
+    A curve with fewer than two points, or one whose mean loss does not fall at every larger multiplier, gives
+    (nan, "?"): loss -> compute is then no function (random data at more compute is no better), and a number read
+    off a rising segment would claim a compute equivalence the measurements contradict."""
     if len(curve) < 2 or math.isnan(loss):
         return math.nan, "?"
     x = np.log2([c for c, _, _ in curve])
     y = np.array([m for _, m, _ in curve])
+    if not np.all(np.diff(y) < 0):
+        return math.nan, "?"
     for i in range(len(x) - 1):
         lo, hi = sorted((y[i], y[i + 1]))
         if lo <= loss <= hi and y[i] != y[i + 1]:
@@ -495,7 +499,11 @@ def equivalent_table(rows, groups) -> tuple[list[str], list[list[str]]]:
                 continue
             mu, sd, _ = mean_sd(v)
             c, flag = equivalent_compute(mu, curve)
-            out.append([g, t, m, fmt(mu, sd), "–" if math.isnan(c) else f"{flag}{c:.2f}x"])
+            if math.isnan(c):
+                cell = "– (the random curve does not fall)" if len(curve) >= 2 else "–"
+            else:
+                cell = f"{flag}{c:.2f}x"
+            out.append([g, t, m, fmt(mu, sd), cell])
     return header, out
 
 
@@ -569,7 +577,12 @@ def render(out: str | Path) -> Path:
         ),
         ("Multiple-choice accuracy (mean over seeds [95% bootstrap CI over the examples of all seeds])", mc_h, mc_r),
         ("Greedy exact-match accuracy (mean ± s.d. over seeds)", acc_h, acc_r),
-        ("Equivalent × compute (random-data curve, log-linear; > / < = extrapolated)", eq_h, eq_r),
+        (
+            "Equivalent × compute (random-data curve, log-linear; > / < = extrapolated; only where the random curve "
+            "falls at every multiplier)",
+            eq_h,
+            eq_r,
+        ),
         ("DsDm head to head (paired by seed; delta < 0 = DsDm has the lower loss)", hh_h, hh_r),
     ]
     T = budget_of(rows)

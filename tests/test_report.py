@@ -69,6 +69,18 @@ def test_equivalent_compute_interpolates_in_log_compute():
     assert math.isnan(equivalent_compute(3.0, curve[:1])[0])
 
 
+def test_equivalent_compute_is_undefined_where_the_random_curve_does_not_fall():
+    """The full pool's algorithmic curve (docs/results/curve-full): 1x 4.375, 2x 4.643, 4x 4.440. Interpolating on
+    its rising 1x-2x segment read 4.5 as "1.5x compute", and a loss below 4.440 as beyond 4x: numbers that a curve
+    where more random data does not help cannot support."""
+    rising = [(1.0, 4.375, 0.0), (2.0, 4.643, 0.0), (4.0, 4.440, 0.0)]
+    for loss in (4.5, 4.0, 5.0, 4.375):
+        c, flag = equivalent_compute(loss, rising)
+        assert math.isnan(c) and flag == "?"
+    flat = [(1.0, 4.0, 0.0), (2.0, 4.0, 0.0), (4.0, 3.0, 0.0)]
+    assert math.isnan(equivalent_compute(3.5, flat)[0])
+
+
 def _write_csv(path: Path, rows: list[dict]):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
