@@ -15,8 +15,9 @@ Sections (full sizes; --smoke: tiny sizes, CPU, < 2 minutes, what CI runs):
               dense sketch with signs drawn on the device (dense_rng=device).
   score       dsdm.datamodel.stream_scores on the device: GB/s of float16 features read from a memmap (page cache:
               the file was just written) for 8 targets in one pass, against numpy on the CPU.
-  e2e         the demo pool (data/demo) -> 2 proxies -> features -> scores -> top-k selection -> 2 evaluation models
-              (DsDm and random selections, `small` preset: ~14M parameters) -> holdout loss on the 3 target tasks.
+  e2e         the demo pool (data/demo) -> 2 proxies (+ a snapshot each) -> features -> scores -> top-k selection
+              -> 2 evaluation models (DsDm and random selections, `small` preset: ~14M parameters) -> holdout loss
+              on the 3 target tasks.
   tests       pytest -m gpu tests/test_gpu.py (if pytest is importable).
 
 Run:  benchmarks/gpu_check.sh [--wheels DIR] [--out DIR] [--smoke]   (installs missing packages from DIR first)
@@ -267,8 +268,10 @@ def section_e2e(S, device, res, out_dir: Path):
     pool = Pool(build_pool(docs, work / "pool", pcfg))
     mark("pool build")
     train_kw = {"preset": S["e2e_preset"], "batch_size": 32, "device": dev}
-    proxies.run(work / "pool", work / "proxies", proxies.ProxiesConfig(n=2, fraction=0.4, train=train_kw))
-    mark("2 proxies")
+    # one snapshot each (proxy.snapshots): saving a model mid-run on the device, and 4 ensemble members to featurize
+    pcfg_proxies = proxies.ProxiesConfig(n=2, fraction=0.4, train=train_kw, snapshots=[0.5])
+    proxies.run(work / "pool", work / "proxies", pcfg_proxies)
+    mark("2 proxies + snapshots")
     fcfg = featurize.FeaturizeConfig(proj_dim=S["e2e_proj"], batch_size=0 if device.type == "cuda" else 16, device=dev)
     featurize.run(work / "pool", work / "proxies", work / "features", fcfg)
     mark("featurize")

@@ -303,6 +303,10 @@ def featurize_proxy(
     store = Path(store)
     slice_ = {"featurize": _cfg_dict(cfg), "proxy": proxy, "pool": pool.fingerprint, "sketch_version": SKETCH_VERSION}
     slice_.update(_rng_record(cfg, device))
+    if model_dir is not None and Path(model_dir).name != f"proxy_{proxy}":
+        # a checkpoint member (proxy.snapshots): member index m no longer implies the model, so the key names it
+        # (left out for proxy_<m>, so the stores made before snapshots existed stay valid)
+        slice_["model"] = "/".join(Path(model_dir).parts[-2:])
     if is_done(store, slice_):
         log(f"{store}: already featurized, skipping")
         return store
@@ -628,6 +632,10 @@ def run(
     if not (proxies_dir / "manifest.json").exists():
         raise FileNotFoundError(f"{proxies_dir}/manifest.json not found: train proxies with `dsdm proxies train`")
     pmanifest = read_json(proxies_dir / "manifest.json")
+    if "config" in pmanifest and not read_record(proxies_dir):
+        # written by `dsdm proxies train`, whose record is missing: a retrain under way (or killed) may have half
+        # rewritten a model. (A manifest written by hand for models trained elsewhere has no record to check.)
+        raise ValueError(f"{proxies_dir} is not finished (no _done.json): finish `dsdm proxies train` first")
     if pmanifest["pool_fingerprint"] != pool.fingerprint:
         raise ValueError(f"{proxies_dir} was trained on another pool (fingerprint differs from {pool_dir})")
     models = [str((proxies_dir / m).resolve()) for m in pmanifest["models"]]

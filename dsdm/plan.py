@@ -229,7 +229,8 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
         tokens = pcfg.n * num_steps(tcfg, L, subset) * tcfg.batch_size * L
         flops = (body + head) * tokens
         state = 16 * P  # weights, gradients, AdamW m and v in float32
-        disk = pcfg.n * (_model_dir(P, vocab) + _files(8 * subset + 128)) + 2 * BLOCK  # + the int64 subsets
+        members = pcfg.n * (1 + len(pcfg.snapshots))  # the ensemble: every proxy's final and snapshots
+        disk = members * _model_dir(P, vocab) + pcfg.n * _files(8 * subset + 128) + 2 * BLOCK  # + int64 subsets
         cpu_s = tokens * _train_s(m, tcfg.preset, vocab, L)
         out.append(StagePlan("proxies", flops, seconds(flops, cpu_s), disk, BASE_RSS + state, state * bool(gpu_mem)))
 
@@ -241,15 +242,15 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
         # (docs/estimator.md "Feature store"; deleted once gram.npy is written)
         store = _files(N * dim * b + 128, gram, 4 * N + 128, N + 128) + 2 * BLOCK + groups * _files(gram)
         per_example = L * (4 / 6) * (body + head) + 2 * L * dim  # forward, backward to the activations, sketch
-        flops = per_example * N * pcfg.n
+        flops = per_example * N * members
         work = 2 * dim * dim * 8 + 16 * P  # the group's Gram and a block product (or the total), float64; the proxy
         ram = BASE_RSS + work
-        cpu_s = N * pcfg.n * _feat_s(m, tcfg.preset, vocab, L, fcfg=fcfg)
-        disk = pcfg.n * store + 2 * BLOCK
+        cpu_s = N * members * _feat_s(m, tcfg.preset, vocab, L, fcfg=fcfg)
+        disk = members * store + 2 * BLOCK
         out.append(StagePlan("features", flops, seconds(flops, cpu_s), disk, ram, work * bool(gpu_mem)))
         if groups * gram > N * dim * b:
             warnings.append(
-                f"features: the Gram partials ({_gb(pcfg.n * groups * gram)}) outweigh the features; raise "
+                f"features: the Gram partials ({_gb(members * groups * gram)}) outweigh the features; raise "
                 f"featurize.gram_group (now {fcfg.gram_group}) or featurize.shard_size (now {fcfg.shard_size}), or "
                 f"lower featurize.proj_dim (now {dim})"
             )
@@ -257,9 +258,9 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
         # examples went through every proxy (short examples: score_fraction of a pool example each)
         tasks = list(dict.fromkeys(s for t in cfg.targets for s in t.tasks))
         targets = sum(task_rows(s, "target", 1000) for s in tasks)
-        read = pcfg.n * N * dim * b
-        cpu_s = read / READ_BYTES_PER_S + pcfg.n * targets * m["score_fraction"] * _feat_s(m, tcfg.preset, vocab, L)
-        flops = 2 * N * dim * pcfg.n * len(tasks) + pcfg.n * targets * per_example
+        read = members * N * dim * b
+        cpu_s = read / READ_BYTES_PER_S + members * targets * m["score_fraction"] * _feat_s(m, tcfg.preset, vocab, L)
+        flops = 2 * N * dim * members * len(tasks) + members * targets * per_example
         disk = sum(_files(4 * N + 128, 4 * N * len(t.tasks) + 128) for t in cfg.targets) + 2 * BLOCK
         out.append(StagePlan("scores", flops, seconds(flops, cpu_s), disk, ram))
     base = [(x, n) for x, n in (("dsir", len(cfg.targets)), ("classifier", len(cfg.targets)), ("semdedup", 1))

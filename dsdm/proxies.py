@@ -50,6 +50,8 @@ class ProxiesConfig:
             raise ValueError(f"n (number of proxies) must be positive, got {self.n}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if any(not 0 < f < 1 for f in self.snapshots) or len(set(self.snapshots)) != len(self.snapshots):
+            raise ValueError(f"proxy.snapshots must be distinct fractions in (0, 1), got {self.snapshots}")
         if "snapshots" in self.train:
             raise ValueError(
                 "set the proxies' snapshots as proxy.snapshots (they are ensemble members), not train.snapshots"
@@ -98,6 +100,7 @@ def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bo
             "pool": str(Path(pool_dir).resolve()),
             "pool_fingerprint": pool.fingerprint,
             "num_proxies": cfg.n,
+            "num_members": len(models),  # the ensemble: the finals and every snapshot
             "models": models,
             "subsets": [f"subsets/proxy_{m}.npy" for m in range(cfg.n)],
             "config": to_dict(cfg),

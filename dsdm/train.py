@@ -307,9 +307,13 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
     dtype, dtype_why = resolve_dtype(cfg.dtype, device)
     total = num_steps(cfg, pool.seq_len, indices.size)
     every = cfg.checkpoint_every or max(1, math.ceil(total / 10))
-    snapshot_steps: dict[int, list[float]] = {}
-    for f in cfg.snapshots:
-        snapshot_steps.setdefault(snapshot_step(f, total), []).append(f)
+    snapshot_steps: dict[int, float] = {}
+    for f in sorted(cfg.snapshots):
+        s = snapshot_step(f, total)
+        if s in snapshot_steps or s >= total:  # the same weights twice would weigh them double in an ensemble
+            other = f"snapshot {snapshot_steps[s]}" if s in snapshot_steps else "the final model"
+            raise ValueError(f"snapshots: {f} of {total} steps is step {s}, as {other}; use fewer or coarser fractions")
+        snapshot_steps[s] = f
     started = time.time()
 
     model = _fresh_model(pool, cfg).to(device)
@@ -326,6 +330,9 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
         opt.load_state_dict(state["opt"])
         step, curve, loss_sum, loss_n = state["step"], meta["curve"], meta["loss_sum"], meta["loss_n"]
         log(f"{out_dir}: resuming at step {step}/{total}")
+    else:  # a fresh start: snapshots of an earlier run of this directory are not this run's
+        for old in out_dir.glob("snapshot_*"):
+            shutil.rmtree(old, ignore_errors=True)
     chunk = cfg.loss_chunk if cfg.loss_chunk else (8192 if device.type == "cuda" else -1)
     chunked = chunk > 0 and isinstance(model, GPT)
     fwd = model.hidden if chunked else model
@@ -360,8 +367,8 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
             loss_acc += loss
             loss_n += 1
             bar.update(tokens_per_step)
-            for f in snapshot_steps.get(step, ()):  # before the checkpoint that follows: a resume never skips one
-                _save_model_dir(out_dir / snapshot_name(f), model, opt, cfg, pool)
+            if step in snapshot_steps:  # before the checkpoint that follows: a resume never skips one
+                _save_model_dir(out_dir / snapshot_name(snapshot_steps[step]), model, opt, cfg, pool)
             if step % cfg.log_every == 0 or step == total:
                 mean = loss_acc.item() / loss_n
                 curve.append({"step": step, "tokens": step * tokens_per_step, "loss": mean, "lr": lr})

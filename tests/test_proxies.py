@@ -112,6 +112,39 @@ def test_a_snapshot_is_the_model_after_its_step_and_leaves_the_final_unchanged(t
     assert "snapshots" not in json.loads((plain / "_done.json").read_text())["config"]["train"]
     with pytest.raises(ValueError, match="snapshots"):
         TrainConfig(snapshots=[1.0])
+    # fractions that land on one step (or on the last) would enter an ensemble twice: refused before training
+    with pytest.raises(ValueError, match="step 3, as snapshot 0.5"):
+        train(pool, None, TrainConfig(**flat, steps=6, snapshots=[0.5, 0.51]), tmp_path / "twice")
+    with pytest.raises(ValueError, match="the final model"):
+        train(pool, None, TrainConfig(**flat, steps=6, snapshots=[0.95]), tmp_path / "last")
+
+
+def test_a_run_killed_after_its_snapshot_resumes_to_the_same_files_and_a_fresh_start_clears_old_ones(
+    tmp_path, monkeypatch
+):
+    import dsdm.train as T
+
+    pool = _pool(tmp_path / "pool")
+    cfg = T.TrainConfig(preset="micro", batch_size=4, device="cpu", steps=8, checkpoint_every=2, snapshots=[0.5])
+    ref = T.train(pool, None, cfg, tmp_path / "ref")
+    real, saves = T._save_checkpoint, {"n": 0}
+
+    def kill_after_step_6(*a, **k):  # checkpoints at steps 2, 4, 6: the snapshot (step 4) is behind the kill
+        real(*a, **k)
+        saves["n"] += 1
+        if saves["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    run_dir = tmp_path / "run"
+    (run_dir / "snapshot_0.25").mkdir(parents=True)  # left by an earlier configuration of this directory
+    monkeypatch.setattr(T, "_save_checkpoint", kill_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(pool, None, cfg, run_dir)
+    assert not (run_dir / "snapshot_0.25").exists() and (run_dir / "snapshot_0.5" / "model.safetensors").exists()
+    monkeypatch.setattr(T, "_save_checkpoint", real)
+    T.train(pool, None, cfg, run_dir)
+    for name in ("model.safetensors", "snapshot_0.5/model.safetensors", "snapshot_0.5/optimizer_v.safetensors"):
+        assert (run_dir / name).read_bytes() == (ref / name).read_bytes(), name
 
 
 def test_snapshots_are_ensemble_members_after_the_finals(tmp_path):
@@ -133,9 +166,18 @@ def test_snapshots_are_ensemble_members_after_the_finals(tmp_path):
     cfg = FeaturizeConfig(proj_dim=64, batch_size=4, shard_size=16, device="cpu")
     fp, fs = featurize(pool.path, plain, tmp_path / "fp", cfg), featurize(pool.path, snap, tmp_path / "fs", cfg)
     assert json.loads((fs / "manifest.json").read_text())["num_proxies"] == 6
-    for m in range(2):
-        assert (fp / f"proxy_{m}" / "features.npy").read_bytes() == (fs / f"proxy_{m}" / "features.npy").read_bytes()
+    for m in range(2):  # so score.num_proxies = M scores the finals alone, as the store without snapshots does
+        for name in ("features.npy", "gram.npy", "q.npy"):
+            assert (fp / f"proxy_{m}" / name).read_bytes() == (fs / f"proxy_{m}" / name).read_bytes(), name
+    # a member's store names its model unless it is proxy_<m> (whose old stores must stay valid): a store must not
+    # pass for another model's after the proxies were retrained with another n or snapshots
+    records = [json.loads((fs / f"proxy_{m}" / "_done.json").read_text())["config"] for m in (0, 2)]
+    assert "model" not in records[0] and records[1]["model"] == "proxy_0/snapshot_0.5"
     members = [np.load(fs / f"proxy_{m}" / "features.npy") for m in range(6)]
     assert all(not np.array_equal(members[0], b) for b in members[1:])
+    # the proxies must be finished before they are featurized (a retrain may be rewriting them)
+    (snap / "_done.json").unlink()
+    with pytest.raises(ValueError, match="not finished"):
+        featurize(pool.path, snap, tmp_path / "unfinished", cfg)
     with pytest.raises(ValueError, match="proxy.snapshots"):
         ProxiesConfig(train={"snapshots": [0.5]})
