@@ -106,6 +106,10 @@ class ValidateConfig:
     """Train every model (LDS subsets and sanity arms) from the same seed, seed * 1000: the datamodel predicts the
     effect of the data, so initialization noise is held fixed (datamodels papers average it out over many models
     instead). False gives model j the seed seed * 1000 + j, as before."""
+    train_seeds: int = 1
+    """Models per LDS subset, each from its own training seed (replica_seed); a subset's loss is their mean, the
+    expected output over training randomness that the datamodel predicts, and lds.json records each replica's losses
+    and the replicas' agreement (docs/estimator.md round 11). Replica 0 is the single model of train_seeds = 1."""
     ridge: float = 1e-2
     """Relative ridge of the datamodel (dsdm.datamodel.ScoreConfig.ridge, the same default)."""
     eval_tasks: list[str] = field(default_factory=list)
@@ -121,6 +125,8 @@ class ValidateConfig:
             raise ValueError(f"subsets must be >= 3 for a rank correlation, got {self.subsets}")
         if not 0 < self.fraction < 1 or not 0 <= self.sanity_fraction < 1:
             raise ValueError("fraction must be in (0, 1) and sanity_fraction in [0, 1)")
+        if self.train_seeds < 1:
+            raise ValueError(f"train_seeds must be >= 1, got {self.train_seeds}")
 
 
 def train_and_eval(pool, indices, cfg: ValidateConfig, seed: int, out_dir: Path, evals: dict, device) -> dict:
@@ -140,6 +146,20 @@ def train_and_eval(pool, indices, cfg: ValidateConfig, seed: int, out_dir: Path,
 def train_seed(cfg: ValidateConfig, model_index: int) -> int:
     """seed * 1000 for every model when shared_train_seed, else seed * 1000 + model_index."""
     return cfg.seed * 1000 + (0 if cfg.shared_train_seed else model_index)
+
+
+def replica_seed(cfg: ValidateConfig, model_index: int, replica: int) -> int:
+    """Training seed of replica r of LDS subset j: train_seed for r = 0 (the models of train_seeds = 1), shifted by
+    r x 100,003 (never another model's seed at seed, j < 100,000) for the others."""
+    return train_seed(cfg, model_index) + 100_003 * replica
+
+
+def replica_agreement(per_replica: np.ndarray) -> float:
+    """Mean pairwise Spearman correlation between the replicas' subset losses, (R, S) -> float (nan for R < 2)."""
+    pairs = [(a, b) for a in range(len(per_replica)) for b in range(a + 1, len(per_replica))]
+    if not pairs:
+        return float("nan")
+    return float(np.mean([spearman(per_replica[a], per_replica[b]) for a, b in pairs]))
 
 
 def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) -> dict:
@@ -176,14 +196,21 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
     save_npy(out_dir / "scores.npy", scores.astype(np.float32))
     n = len(pool)
     subsets = [draw_subset(n, cfg.fraction, cfg.seed, 10_000 + j) for j in range(cfg.subsets)]
-    by_task = {name: [] for name in evals}  # task -> per subset {"target": loss, "holdout": loss}
+    by_task = {name: [] for name in evals}  # task -> per subset {"target": loss, "holdout": loss}, replica mean
+    by_replica = {name: [[] for _ in range(cfg.train_seeds)] for name in evals}  # task -> replica -> per subset
     for j, s in enumerate(subsets):
         save_npy(out_dir / "subsets" / f"subset_{j}.npy", s)
-        model_dir = out_dir / "models" / f"lds_{j}"
-        measured = train_and_eval(pool, s, cfg, train_seed(cfg, j), model_dir, evals, device)
+        replicas = []
+        for r in range(cfg.train_seeds):
+            model_dir = out_dir / "models" / (f"lds_{j}" if r == 0 else f"lds_{j}_r{r}")
+            replicas.append(train_and_eval(pool, s, cfg, replica_seed(cfg, j, r), model_dir, evals, device))
         for name in evals:
-            by_task[name].append(measured[name])
-        log(f"LDS subset {j + 1}/{cfg.subsets}: target loss {measured[task.name]['target']:.4f}")
+            for r, measured in enumerate(replicas):
+                by_replica[name][r].append(measured[name])
+            by_task[name].append(
+                {split: float(np.mean([m[name][split] for m in replicas])) for split in ("target", "holdout")}
+            )
+        log(f"LDS subset {j + 1}/{cfg.subsets}: target loss {by_task[task.name][-1]['target']:.4f}")
     losses = by_task[task.name]
     pred = subset_predictions(scores, subsets)
     target_losses = np.array([r["target"] for r in losses])
@@ -199,6 +226,17 @@ def run(pool_dir, features_dir, task_spec: str, out_dir, cfg: ValidateConfig) ->
         "features": str(features_dir),
         "config": vars(cfg),
     }
+    if cfg.train_seeds > 1:
+        record["losses_by_replica"] = by_replica
+        record["replica_agreement"] = {
+            name: {
+                split: replica_agreement(np.array([[row[split] for row in rows] for rows in by_replica[name]]))
+                for split in ("target", "holdout")
+            }
+            for name in evals
+        }
+        agree = record["replica_agreement"][task.name]["target"]
+        log(f"replicas' agreement (Spearman of {cfg.train_seeds} seeds' subset losses, {task.name}): {agree:.3f}")
     if "source" in pool.meta_columns:
         sources, _ = pool.codes("source")  # int codes that sort like the labels: the same groups
         record["lds_target_by_source"] = lds_by_group(scores, sources, subsets, target_losses)

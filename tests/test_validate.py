@@ -198,3 +198,42 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     score = ["score", "--features", str(run / "features"), "--target", str(tmp_path / "tasks" / "cooking")]
     assert main(score + ["--out", str(run / "s.npy")]) == 2
     assert "sketch version 1" in capsys.readouterr().err
+
+
+def test_train_seeds_average_replicas_whose_first_is_the_single_seed_model(tmp_path):
+    """validate.train_seeds = 2: replica 0 of every subset is bitwise the model of train_seeds = 1 (same seed, same
+    subset), replica 1 another seed; a subset's loss is the replicas' mean, each replica's losses are recorded with
+    their agreement (docs/estimator.md round 11)."""
+    from test_experiment import build_micro_data
+
+    from dsdm.cli import main
+    from dsdm.validate import replica_agreement, replica_seed, train_seed
+
+    build_micro_data(tmp_path)
+    pool, run = tmp_path / "pool", tmp_path / "run"
+    train = ["--set", "train.preset=micro", "--set", "train.steps=6", "--set", "train.batch_size=16"]
+    assert main(["proxies", "train", "--pool", str(pool), "--out", str(run / "proxies"), "--n", "1"] + train) == 0
+    feat = ["featurize", "--pool", str(pool), "--proxies", str(run / "proxies"), "--out", str(run / "features")]
+    assert main(feat + ["--proj-dim", "64", "--set", "batch_size=32"]) == 0
+    base = ["validate-lds", "--pool", str(pool), "--features", str(run / "features"), "--subsets", "3"]
+    base += ["--target", str(tmp_path / "tasks" / "cooking"), "--set", "sanity_fraction=0"] + train
+    assert main(base + ["--out", str(run / "one")]) == 0
+    assert main(base + ["--out", str(run / "two"), "--set", "train_seeds=2"]) == 0
+    one, two = (json.loads((run / d / "lds.json").read_text()) for d in ("one", "two"))
+    for j in range(3):
+        a, b = (run / d / "models" / f"lds_{j}" / "model.safetensors" for d in ("one", "two"))
+        assert a.read_bytes() == b.read_bytes()
+        r1 = run / "two" / "models" / f"lds_{j}_r1" / "model.safetensors"
+        assert r1.read_bytes() != a.read_bytes()
+    replicas = two["losses_by_replica"]["cooking"]
+    assert [row["target"] for row in replicas[0]] == [row["target"] for row in one["losses"]]
+    for j, row in enumerate(two["losses"]):
+        assert row["target"] == pytest.approx((replicas[0][j]["target"] + replicas[1][j]["target"]) / 2)
+    assert -1 <= two["replica_agreement"]["cooking"]["target"] <= 1 and "replica_agreement" not in one
+    # seeds: replica 0 keeps the single-seed rule, the others never reuse another model's seed
+    from dsdm.validate import ValidateConfig
+
+    cfg = ValidateConfig(shared_train_seed=False)
+    assert replica_seed(cfg, 7, 0) == train_seed(cfg, 7)
+    assert len({replica_seed(cfg, j, r) for j in range(50) for r in range(3)}) == 150
+    assert replica_agreement(np.array([[1.0, 2.0, 3.0], [1.5, 2.5, 3.5]])) == pytest.approx(1.0)
