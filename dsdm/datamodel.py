@@ -185,14 +185,46 @@ def unit_gram(features: np.ndarray, columns: np.ndarray, block: int = 65536) -> 
     return gram, inv
 
 
-def kernel_term(features, gram: np.ndarray, gbar: np.ndarray, cfg, layout, device=None) -> np.ndarray:
+def kfac_factors(sketch, pool, indices: np.ndarray, device, batch_size: int = 16) -> dict:
+    """K-FAC's projected factors of one proxy, averaged over the positions of the pool examples `indices`:
+    {layer name: (S (k_o, k_o), A (k_i, k_i)) float64 numpy} (FactorizedSketch.factor_sums; docs/estimator.md
+    round 12). The pool side's output function (the margin), as the stored features."""
+    from dsdm.sketch import pool_score_mask
+
+    sums, count = {}, 0
+    for start in range(0, len(indices), batch_size):
+        tokens, mask = (torch.as_tensor(a, device=device) for a in pool.batch(indices[start : start + batch_size]))
+        part, n = sketch.factor_sums(tokens, pool_score_mask(mask.bool()))
+        count += n
+        for name, (S, A) in part.items():
+            sums[name] = (S, A) if name not in sums else (sums[name][0] + S, sums[name][1] + A)
+    if count == 0:
+        raise ValueError("score.kernel=kfac: the sampled pool examples have no scored position")
+    return {name: ((S / count).cpu().numpy(), (A / count).cpu().numpy()) for name, (S, A) in sums.items()}
+
+
+def kfac_solve(factors: tuple[np.ndarray, np.ndarray], phi: np.ndarray, ridge: float) -> np.ndarray:
+    """W = (S + lam_S I)^-1 Phi (A + lam_A I)^-1 for every column of phi: the inverse of the Kronecker factored
+    curvature A (x) S applied to one layer's mean target gradient. phi (k_o * k_i, T), row-major (o, i) as the
+    sketch flattens it -> (k_o * k_i, T); each lam = ridge x its factor's mean diagonal (as solve)."""
+    S, A = factors
+    ko, ki, t = S.shape[0], A.shape[0], phi.shape[1]
+    x = solve(S, phi.reshape(ko, ki * t), ridge).reshape(ko, ki, t)  # S^-1 Phi
+    y = solve(A, x.transpose(1, 0, 2).reshape(ki, ko * t), ridge)  # A^-1 (S^-1 Phi)^T; A is symmetric
+    return y.reshape(ki, ko, t).transpose(1, 0, 2).reshape(ko * ki, t)
+
+
+def kernel_term(
+    features, gram: np.ndarray, gbar: np.ndarray, cfg, layout, device=None, factors: dict | None = None
+) -> np.ndarray:
     """u = G' W for one proxy under the kernel switches of `cfg` (ScoreConfig). -> (N, T) float64.
 
     features (N, k), gram (k, k) = G^T G of the stored features, gbar (k, T) the targets' mean gradients (already
     unit-normalized per example if cfg.normalize asks), layout: feature_layout's column blocks. G' keeps the columns
     of the layers not excluded, each row divided by its norm over them when cfg.normalize is pool|both (the Gram is
     then recomputed from the features, one streamed pass). kernel=global: W = (K' + lam I)^-1 gbar' (TRAK);
-    per_layer: the same solve per layer block of K' (block-diagonal kernel, each block with its own relative ridge).
+    per_layer: the same solve per layer block of K' (block-diagonal kernel, each block with its own relative ridge);
+    kfac: per layer block, kfac_solve with that layer's `factors` (kfac_factors) instead of the Gram.
     W gets zero rows for dropped columns, so the pool is streamed once, unsliced."""
     blocks = kept_blocks(layout, cfg.exclude_layers)
     columns = block_columns(blocks)
@@ -202,11 +234,16 @@ def kernel_term(features, gram: np.ndarray, gbar: np.ndarray, cfg, layout, devic
     else:
         sub_gram = np.asarray(gram)[np.ix_(columns, columns)]
     g = np.asarray(gbar)[columns]
-    if cfg.kernel == "per_layer":
+    if cfg.kernel in ("per_layer", "kfac"):
+        if cfg.kernel == "kfac" and factors is None:
+            raise ValueError("score.kernel=kfac needs the proxy's K-FAC factors (kfac_factors)")
         w_sub, offset = np.zeros_like(g), 0
-        for _, a, b in blocks:
+        for name, a, b in blocks:
             part = slice(offset, offset + b - a)
-            w_sub[part] = solve(sub_gram[part, part], g[part], cfg.ridge)
+            if cfg.kernel == "kfac":
+                w_sub[part] = kfac_solve(factors[name], g[part], cfg.ridge)
+            else:
+                w_sub[part] = solve(sub_gram[part, part], g[part], cfg.ridge)
             offset += b - a
     else:
         w_sub = solve(sub_gram, g, cfg.ridge)
@@ -241,7 +278,11 @@ class ScoreConfig:
     gradient before the mean) | both."""
     kernel: str = "global"
     """global (one Gram over all feature columns: TRAK) | per_layer (block-diagonal: each nn.Linear's columns solved
-    against their own Gram block; factorized stores; a dense store is one block, so it equals global)."""
+    against their own Gram block; factorized stores; a dense store is one block, so it equals global) | kfac (per
+    layer, the Kronecker-factored curvature of the projected token statistics, estimated from kfac_examples pool
+    examples; factorized stores only; docs/estimator.md round 12)."""
+    kfac_examples: int = 1024
+    """kernel=kfac: the seeded sample of pool examples each proxy's K-FAC factors are estimated from."""
     exclude_layers: list[str] = field(default_factory=list)
     """Drop the feature columns of the Linear layers whose name starts with any of these (e.g. [lm_head]); factorized
     stores only (a dense store's columns mix all parameters)."""
@@ -268,8 +309,10 @@ class ScoreConfig:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if self.normalize not in ("none", "pool", "target", "both"):
             raise ValueError(f"score.normalize must be none, pool, target or both, got {self.normalize!r}")
-        if self.kernel not in ("global", "per_layer"):
-            raise ValueError(f"score.kernel must be global or per_layer, got {self.kernel!r}")
+        if self.kernel not in ("global", "per_layer", "kfac"):
+            raise ValueError(f"score.kernel must be global, per_layer or kfac, got {self.kernel!r}")
+        if self.kfac_examples < 1:
+            raise ValueError(f"score.kfac_examples must be >= 1, got {self.kfac_examples}")
         if self.num_proxies < 0:
             raise ValueError(f"score.num_proxies must be >= 0 (0 = all), got {self.num_proxies}")
         if self.target_output not in OUTPUTS:
@@ -330,7 +373,7 @@ def score_tasks_per_proxy(
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Per proxy m: the kernel term u_m (N, T) float64 and Q_m (N,) (ones if not cfg.use_q), and the task names.
     `ensemble(us, qs)` gives the scores; validate-lds also ensembles the first m proxies to see the effect of M."""
-    from dsdm.common import log
+    from dsdm.common import log, numpy_rng
     from dsdm.featurize import FeaturizeConfig, build_sketch
     from dsdm.model import load_model
     from dsdm.pool import Pool
@@ -344,6 +387,8 @@ def score_tasks_per_proxy(
     fcfg = FeaturizeConfig(**{**manifest["featurize"], "device": "cpu"})
     if cfg.exclude_layers and fcfg.projector != "factorized":
         raise ValueError("score.exclude_layers needs a factorized store (a dense projection mixes all parameters)")
+    if cfg.kernel == "kfac" and fcfg.projector != "factorized":
+        raise ValueError("score.kernel=kfac needs a factorized store (its per-layer Kronecker structure)")
     pool = Pool(manifest["pool"])
     tasks = [load_task(spec) for spec in task_specs]
     encoded = [encode_examples(pool.tokenizer, t.target, pool.seq_len, pool.eos_id) for t in tasks]
@@ -359,8 +404,13 @@ def score_tasks_per_proxy(
         gbar = np.stack(
             [mean_target_features(sketch, tok, sc, device, cfg.target_batch_size, unit) for tok, _, sc in encoded], 1
         )  # (k, T)
+        factors = None
+        if cfg.kernel == "kfac":
+            sketch.output = "margin"  # the pool side's output function, as stored
+            sample = np.sort(numpy_rng((m, 8_191)).choice(len(pool), min(cfg.kfac_examples, len(pool)), replace=False))
+            factors = kfac_factors(sketch, pool, sample, device, cfg.target_batch_size)
         features = np.load(store / "features.npy", mmap_mode="r")
-        us.append(kernel_term(features, np.load(store / "gram.npy"), gbar, cfg, layout, device))
+        us.append(kernel_term(features, np.load(store / "gram.npy"), gbar, cfg, layout, device, factors))
         q = np.load(store / "q.npy")
         qs.append(q if cfg.use_q else np.ones_like(q))
         log(f"proxy {m}: scored {len(tasks)} task(s)")  # no statistic here: it would be another pass over (N, T)

@@ -466,6 +466,28 @@ class FactorizedSketch:
             self.proj.append((p_out.to(device), p_in.to(device)))
 
     def sketch(self, tokens: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acts, outs, q = self._projected(tokens, score)
+        feats = [torch.einsum("bto,bti->boi", o, a).flatten(1) for o, a in zip(outs, acts)]  # (B, k_o*k_i) each
+        return torch.cat(feats, 1), q
+
+    def factor_sums(self, tokens: torch.Tensor, score: torch.Tensor) -> tuple[dict, int]:
+        """K-FAC's factors in the projected space, summed over the positions that can carry gradient (each row's
+        positions before its last scored token): {layer name: (S (k_o, k_o), A (k_i, k_i)) float64}, S = sum_t o_t
+        o_t^T with o_t = P_out delta_t, A = sum_t a_t a_t^T with a_t = P_in x_t (the bias's constant 1 included), and
+        the number of positions (docs/estimator.md round 12)."""
+        acts, outs, _ = self._projected(tokens, score)
+        idx = torch.arange(score.shape[1], device=score.device)
+        last = torch.where(score, idx, torch.full_like(idx, -1)).amax(1)  # (B,) last scored token, -1 if none
+        valid = idx[None, :] < last[:, None]  # position p predicts token p + 1
+        sums = {}
+        for (name, _), a, o in zip(self.linears, acts, outs):
+            a, o = a[valid].detach().double(), o[valid].detach().double()  # (n, k_i), (n, k_o)
+            sums[name] = (o.T @ o, a.T @ a)
+        return sums, int(valid.sum())
+
+    def _projected(self, tokens: torch.Tensor, score: torch.Tensor):
+        """One forward and one backward of sum_b f_b: per Linear the projected inputs (B, T, k_i) and output
+        gradients (B, T, k_o), and Q (B,)."""
         acts: list[torch.Tensor | None] = [None] * len(self.linears)
         outs: list[torch.Tensor | None] = [None] * len(self.linears)
         handles = []
@@ -498,8 +520,7 @@ class FactorizedSketch:
         finally:
             for h in handles:
                 h.remove()
-        feats = [torch.einsum("bto,bti->boi", o, a).flatten(1) for o, a in zip(outs, acts)]  # (B, k_o*k_i) each
-        return torch.cat(feats, 1), q
+        return acts, outs, q
 
 
 class DenseSketch:

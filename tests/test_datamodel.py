@@ -236,7 +236,41 @@ def test_target_normalization_weighs_every_target_example_equally():
     np.testing.assert_allclose(D.mean_target_features(sk, tokens, score, "cpu", 2), per.mean(0), rtol=1e-6)
 
 
+def test_kfac_solve_is_the_inverse_of_the_kronecker_product():
+    """vec_rowmajor(S^-1 Phi A^-1) = (S (x) A)^-1 vec_rowmajor(Phi) for symmetric A: kfac_solve against numpy's
+    solve of the explicit Kronecker matrix, damping included (lam = ridge x mean diagonal of each factor)."""
+    rng = np.random.default_rng(0)
+    ko, ki, t, ridge = 3, 4, 2, 0.1
+    S = (lambda m: m @ m.T)(rng.normal(size=(ko, ko)))
+    A = (lambda m: m @ m.T)(rng.normal(size=(ki, ki)))
+    phi = rng.normal(size=(ko * ki, t))
+    S_d = S + ridge * np.diag(S).mean() * np.eye(ko)
+    A_d = A + ridge * np.diag(A).mean() * np.eye(ki)
+    np.testing.assert_allclose(D.kfac_solve((S, A), phi, ridge), np.linalg.solve(np.kron(S_d, A_d), phi), rtol=1e-9)
+
+
+def test_kfac_kernel_scores_the_micro_run_and_refuses_a_dense_store(tmp_path):
+    from test_experiment import build_micro_data
+
+    from dsdm.cli import main
+
+    build_micro_data(tmp_path, n_docs=48)
+    pool_dir, run = tmp_path / "pool", tmp_path / "run"
+    train = ["--set", "train.preset=micro", "--set", "train.steps=5", "--set", "train.batch_size=8"]
+    assert main(["proxies", "train", "--pool", str(pool_dir), "--out", str(run / "proxies"), "--n", "1"] + train) == 0
+    feat = ["featurize", "--pool", str(pool_dir), "--proxies", str(run / "proxies")]
+    assert main(feat + ["--out", str(run / "features"), "--proj-dim", "64"]) == 0
+    task = [str(tmp_path / "tasks" / "cooking")]
+    glob_, _, _ = D.score_tasks_per_proxy(run / "features", task, D.ScoreConfig(), "cpu")
+    kfac, _, _ = D.score_tasks_per_proxy(run / "features", task, D.ScoreConfig(kernel="kfac", kfac_examples=16), "cpu")
+    again, _, _ = D.score_tasks_per_proxy(run / "features", task, D.ScoreConfig(kernel="kfac", kfac_examples=16), "cpu")
+    assert np.isfinite(kfac[0]).all() and not np.allclose(kfac[0], glob_[0]) and np.array_equal(kfac[0], again[0])
+    assert main(feat + ["--out", str(run / "dense"), "--proj-dim", "32", "--projector", "dense"]) == 0
+    with np.testing.assert_raises(ValueError):
+        D.score_tasks_per_proxy(run / "dense", task, D.ScoreConfig(kernel="kfac"), "cpu")
+
+
 def test_score_config_rejects_unknown_variant_values():
-    for bad in ({"normalize": "cosine"}, {"kernel": "kfac"}, {"num_proxies": -1}, {"target_output": "loss"}):
+    for bad in ({"normalize": "cosine"}, {"kernel": "ekfac"}, {"num_proxies": -1}, {"target_output": "loss"}):
         with np.testing.assert_raises(ValueError):
             D.ScoreConfig(**bad)

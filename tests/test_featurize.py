@@ -464,3 +464,38 @@ def test_a_store_partly_filled_by_format_1_resumes_to_the_format_2_store(tmp_pat
     assert not (old / "shards").exists() and not (old / "grams").exists()
     assert json.loads((old / "manifest.json").read_text())["store_version"] == F.STORE_VERSION
     assert "gram_group" not in F._cfg_dict(F.FeaturizeConfig()) and F._cfg_dict(cfg)["gram_group"] == 2
+
+
+def test_kfac_factor_sums_are_the_projected_token_statistics():
+    """FactorizedSketch.factor_sums against statistics collected by independent hooks: per Linear, the sums over the
+    positions before each row's last scored token of (P_out delta)(P_out delta)^T and (P_in [x, 1])(P_in [x, 1])^T."""
+    model = TinyGPT()
+    tokens, score = batch()
+    sk = F.make_sketch(model, "factorized", 256, seed=0, proxy=0)
+    sums, n = sk.factor_sums(tokens, score)
+    for p in model.parameters():
+        p.requires_grad_(True)  # the sketch froze them (its gradient starts at the embeddings)
+    inputs, grads, handles = {}, {}, []
+    for name, lin in sk.linears:
+
+        def fwd(mod, inp, out, name=name):
+            inputs[name] = inp[0].detach()
+            out.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach()))
+
+        handles.append(lin.register_forward_hook(fwd))
+    f, _ = F.output_and_q(model(tokens), tokens, score)
+    f.sum().backward()
+    for h in handles:
+        h.remove()
+    last = [max(t for t in range(score.shape[1]) if score[b, t]) for b in range(score.shape[0])]
+    rows = [(b, p) for b in range(score.shape[0]) for p in range(last[b])]
+    assert n == len(rows)
+    for (name, lin), (p_out, p_in) in zip(sk.linears, sk.proj):
+        x = inputs[name]
+        if lin.bias is not None:
+            x = torch.cat([x, torch.ones(x.shape[:-1] + (1,))], -1)
+        a = torch.stack([x[b, p] for b, p in rows]).double() @ p_in.double()
+        o = torch.stack([grads[name][b, p] for b, p in rows]).double() @ p_out.double()
+        S, A = sums[name]
+        torch.testing.assert_close(S, o.T @ o, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(A, a.T @ a, rtol=1e-4, atol=1e-6)
