@@ -90,20 +90,30 @@ def test_rescore_gives_other_scores_an_lds_on_the_measured_models(tmp_path):
         rescore(out, [tmp_path / "short.npy"])
 
 
-def test_validate_lds_cli_end_to_end(tmp_path, capsys):
-    """micro pool -> 2 proxies -> factorized features -> validate-lds with 4 subsets and the sanity arms: lds.json has
-    the LDS in [-1, 1], one entry per ensemble size, the by-source split and the three sanity arms. Then `dsdm score`
-    refuses the store once its manifest claims an older sketch version."""
+def _micro_features(tmp_path, proxies: int, steps: int):
+    """The micro data (test_experiment.build_micro_data), `proxies` micro proxies trained `steps` steps and their
+    k = 64 factorized features under tmp_path/run. -> (pool dir, run dir, the trainer's --set arguments)."""
     from test_experiment import build_micro_data
 
     from dsdm.cli import main
 
     build_micro_data(tmp_path)
     pool, run = tmp_path / "pool", tmp_path / "run"
-    train = ["--set", "train.preset=micro", "--set", "train.steps=10", "--set", "train.batch_size=16"]
-    assert main(["proxies", "train", "--pool", str(pool), "--out", str(run / "proxies"), "--n", "2"] + train) == 0
+    train = ["--set", "train.preset=micro", "--set", f"train.steps={steps}", "--set", "train.batch_size=16"]
+    proxies_args = ["proxies", "train", "--pool", str(pool), "--out", str(run / "proxies"), "--n", str(proxies)]
+    assert main(proxies_args + train) == 0
     feat = ["featurize", "--pool", str(pool), "--proxies", str(run / "proxies"), "--out", str(run / "features")]
     assert main(feat + ["--proj-dim", "64", "--set", "batch_size=32"]) == 0
+    return pool, run, train
+
+
+def test_validate_lds_cli_end_to_end(tmp_path, capsys):
+    """micro pool -> 2 proxies -> factorized features -> validate-lds with 4 subsets and the sanity arms: lds.json has
+    the LDS in [-1, 1], one entry per ensemble size, the by-source split and the three sanity arms. Then `dsdm score`
+    refuses the store once its manifest claims an older sketch version."""
+    from dsdm.cli import main
+
+    pool, run, train = _micro_features(tmp_path, proxies=2, steps=10)
     lds_args = ["validate-lds", "--pool", str(pool), "--features", str(run / "features")]
     lds_args += ["--target", str(tmp_path / "tasks" / "cooking"), "--out", str(run / "lds")]
     sports = str(tmp_path / "tasks" / "sports")
@@ -204,17 +214,10 @@ def test_train_seeds_average_replicas_whose_first_is_the_single_seed_model(tmp_p
     """validate.train_seeds = 2: replica 0 of every subset is bitwise the model of train_seeds = 1 (same seed, same
     subset), replica 1 another seed; a subset's loss is the replicas' mean, each replica's losses are recorded with
     their agreement (docs/estimator.md round 11)."""
-    from test_experiment import build_micro_data
-
     from dsdm.cli import main
     from dsdm.validate import replica_agreement, replica_seed, train_seed
 
-    build_micro_data(tmp_path)
-    pool, run = tmp_path / "pool", tmp_path / "run"
-    train = ["--set", "train.preset=micro", "--set", "train.steps=6", "--set", "train.batch_size=16"]
-    assert main(["proxies", "train", "--pool", str(pool), "--out", str(run / "proxies"), "--n", "1"] + train) == 0
-    feat = ["featurize", "--pool", str(pool), "--proxies", str(run / "proxies"), "--out", str(run / "features")]
-    assert main(feat + ["--proj-dim", "64", "--set", "batch_size=32"]) == 0
+    pool, run, train = _micro_features(tmp_path, proxies=1, steps=6)
     base = ["validate-lds", "--pool", str(pool), "--features", str(run / "features"), "--subsets", "3"]
     base += ["--target", str(tmp_path / "tasks" / "cooking"), "--set", "sanity_fraction=0"] + train
     assert main(base + ["--out", str(run / "one")]) == 0
