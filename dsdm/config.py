@@ -117,6 +117,12 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+def without_new_defaults(settings: dict, new_defaults: dict) -> dict:
+    """`settings` without the keys that still hold their `new_defaults` value: fields added after records existed
+    stay out of a completion key at their default, so those records remain valid."""
+    return {k: v for k, v in settings.items() if k not in new_defaults or v != new_defaults[k]}
+
+
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply dotted overrides ('featurize.proj_dim=512') to a nested dict; values are parsed as YAML scalars."""
     data = _deepcopy(data)

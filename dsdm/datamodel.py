@@ -396,7 +396,11 @@ def score_tasks_per_proxy(
     for m, store in enumerate(stores):
         model = load_model(manifest["proxies"][m]).to(device)
         sketch = build_sketch(model, fcfg, m, device, manifest["proxies"][m])
-        sketch.output = cfg.target_output  # the pool side's stored features are always of the margin
+        factors = None
+        if cfg.kernel == "kfac":  # of the pool side's output function (the margin), as the stored features
+            sample = np.sort(numpy_rng((m, 8_191)).choice(len(pool), min(cfg.kfac_examples, len(pool)), replace=False))
+            factors = kfac_factors(sketch, pool, sample, device, cfg.target_batch_size)
+        sketch.output = cfg.target_output  # the targets' output function; the stored pool features are the margin's
         layout = feature_layout(sketch)
         unit = None
         if cfg.normalize in ("target", "both"):
@@ -404,11 +408,6 @@ def score_tasks_per_proxy(
         gbar = np.stack(
             [mean_target_features(sketch, tok, sc, device, cfg.target_batch_size, unit) for tok, _, sc in encoded], 1
         )  # (k, T)
-        factors = None
-        if cfg.kernel == "kfac":
-            sketch.output = "margin"  # the pool side's output function, as stored
-            sample = np.sort(numpy_rng((m, 8_191)).choice(len(pool), min(cfg.kfac_examples, len(pool)), replace=False))
-            factors = kfac_factors(sketch, pool, sample, device, cfg.target_batch_size)
         features = np.load(store / "features.npy", mmap_mode="r")
         us.append(kernel_term(features, np.load(store / "gram.npy"), gbar, cfg, layout, device, factors))
         q = np.load(store / "q.npy")

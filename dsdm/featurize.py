@@ -600,10 +600,10 @@ def _rng_record(cfg: FeaturizeConfig, device) -> dict:
 
 
 def _cfg_dict(cfg) -> dict:
-    from dsdm.config import to_dict
+    from dsdm.config import to_dict, without_new_defaults
 
     out = {k: v for k, v in to_dict(cfg).items() if k not in _WHERE_NOT_WHAT}
-    return {k: v for k, v in out.items() if k not in _NEW_DEFAULTS or v != _NEW_DEFAULTS[k]}
+    return without_new_defaults(out, _NEW_DEFAULTS)
 
 
 def run(

@@ -61,15 +61,13 @@ class ProxiesConfig:
 def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bool = False) -> Path:
     """Train cfg.n proxies on their subsets; resumable (finished proxies are skipped by the trainer unless force)."""
     from dsdm.common import log
-    from dsdm.config import from_dict, to_dict
+    from dsdm.config import from_dict, to_dict, without_new_defaults
     from dsdm.io import clear_done, is_done, mark_done, save_npy, write_json
     from dsdm.pool import Pool
     from dsdm.train import TrainConfig, snapshot_name, train
 
     pool, out_dir = Pool(pool_dir), Path(out_dir)
-    settings = to_dict(cfg)
-    if not cfg.snapshots:  # added after proxies existed: absent at its default, so their records stay valid
-        del settings["snapshots"]
+    settings = without_new_defaults(to_dict(cfg), {"snapshots": []})  # added after proxies existed
     slice_ = {"proxies": settings, "pool_fingerprint": pool.fingerprint}
     if is_done(out_dir, slice_, force=force):
         log(f"{out_dir}: proxies already trained with this configuration; nothing to do")

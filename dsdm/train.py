@@ -279,7 +279,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
     Skips the run if out_dir is already done with this (config, indices, pool); resumes from out_dir/checkpoint/.
     """
     from dsdm.common import log, progress, resolve_device, resolve_dtype
-    from dsdm.config import to_dict
+    from dsdm.config import to_dict, without_new_defaults
     from dsdm.io import clear_done, is_done, mark_done, write_json
     from dsdm.model import GPT, load_weights
 
@@ -291,8 +291,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
         raise ValueError(f"training indices must lie in [0, {len(pool)}), got [{indices.min()}, {indices.max()}]")
     # These change speed or memory (and float rounding), not the recipe: they are left out of the completion key.
     recipe = {k: v for k, v in to_dict(cfg).items() if k not in SPEED_KEYS}
-    if not cfg.snapshots:  # added after models existed: absent at its default, so their records stay valid
-        del recipe["snapshots"]
+    recipe = without_new_defaults(recipe, {"snapshots": []})  # added after models existed
     key = {
         "train": recipe,
         "pool": pool.fingerprint,
