@@ -90,6 +90,11 @@ class SweepConfig:
     subset_range: list[int] = field(default_factory=list)
     """[start, stop): measure the LDS on those subsets only (default: all). For a held-out confirmation: subsets
     trained after a variant was chosen on the earlier ones (validate-lds draws subset j the same for any count)."""
+    replicas: list[int] = field(default_factory=list)
+    """Training seeds (replica indices r of validate.train_seeds) whose mean loss ranks the subsets (default: all,
+    the run's own mean). A run trained with several seeds can so be read against disjoint groups of seeds: a variant
+    chosen on replicas [0, 1] is confirmed on [2, 3], whose training noise is independent (docs/estimator.md round
+    13)."""
     topk_fraction: float = 0.0
     """k = round(topk_fraction * N) for the selection arms (module docstring); 0 = LDS only, no training."""
     random_arms: int = 3
@@ -101,20 +106,41 @@ class SweepConfig:
         r = self.subset_range
         if r and (len(r) != 2 or not 0 <= r[0] or r[1] - r[0] < 3):
             raise ValueError(f"subset_range must be [start, stop) with 0 <= start and >= 3 subsets, got {r}")
+        if len(set(self.replicas)) != len(self.replicas) or any(r < 0 for r in self.replicas):
+            raise ValueError(f"replicas must be distinct replica indices >= 0, got {self.replicas}")
         if self.topk_fraction and self.random_arms < 2:
             raise ValueError(f"random_arms must be >= 2 for a standard error, got {self.random_arms}")
 
 
-def load_lds_run(lds_dir) -> dict:
+def load_lds_run(lds_dir, replicas: list[int] | None = None) -> dict:
     """validate.read_lds_run, plus the pool: {"subsets", "tasks": {name: (spec, target (S,), holdout (S,))}, "pool",
     "n", "config" (the run's ValidateConfig as a dict)}. A run made before `eval_tasks` is refused: its lds.json lacks
-    the task specs the variants are scored for."""
+    the task specs the variants are scored for. With `replicas`, each subset's losses are the mean over those training
+    seeds only (lds.json's losses_by_replica, written when validate.train_seeds > 1)."""
     run = read_lds_run(lds_dir)
     if any(spec is None for spec, _, _ in run["tasks"].values()):
         raise ValueError(
             f"{lds_dir}/lds.json has no losses_by_task (made before `eval_tasks`): re-run validate-lds to sweep it"
         )
     rec = run["record"]
+    if replicas:
+        by_replica = rec.get("losses_by_replica") or {}
+        have = min((len(v) for v in by_replica.values()), default=1)
+        if max(replicas) >= have:
+            raise ValueError(
+                f"replicas {replicas}: {lds_dir} trained {have} seed(s) per subset (replica indices 0..{have - 1}); "
+                "train more with validate-lds --set train_seeds=R"
+            )
+        run["tasks"] = {
+            name: (
+                spec,
+                *(
+                    np.array([np.mean([by_replica[name][r][j][split] for r in replicas]) for j in range(len(a))])
+                    for split in ("target", "holdout")
+                ),
+            )
+            for name, (spec, a, _) in run["tasks"].items()
+        }
     return {
         "subsets": run["subsets"],
         "tasks": run["tasks"],
@@ -233,7 +259,7 @@ def sweep(
     features: name -> feature store of the LDS run's pool; "main" is the store variants use unless they name another.
     Returns the rows (COLUMNS)."""
     started = time.time()
-    run = load_lds_run(lds_dir)
+    run = load_lds_run(lds_dir, cfg.replicas)
     if cfg.subset_range:
         start, stop = cfg.subset_range
         if stop > len(run["subsets"]):

@@ -233,6 +233,21 @@ def test_train_seeds_average_replicas_whose_first_is_the_single_seed_model(tmp_p
     for j, row in enumerate(two["losses"]):
         assert row["target"] == pytest.approx((replicas[0][j]["target"] + replicas[1][j]["target"]) / 2)
     assert -1 <= two["replica_agreement"]["cooking"]["target"] <= 1 and "replica_agreement" not in one
+    # the sweep reads the LDS against a chosen group of seeds: replica 0 alone is the single-seed run's LDS, replica 1
+    # alone is the LDS of the same predictions against replica 1's recorded losses
+    import csv
+
+    (tmp_path / "default.yaml").write_text("default: {}\n")
+    sweep = ["lds-sweep", "--lds", str(run / "two"), "--features", str(run / "features"), "--set", "device=cpu"]
+    sweep += ["--variants", str(tmp_path / "default.yaml"), "--set", "baselines=[]"]
+    for r, expected in (
+        (0, one["lds_target"]),
+        (1, lds(np.array(two["predictions"]), [x["target"] for x in replicas[1]])),
+    ):
+        assert main(sweep + ["--out", str(run / f"sweep-r{r}"), "--set", f"replicas=[{r}]"]) == 0
+        rows = {(x["variant"], x["target"]): x for x in csv.DictReader(open(run / f"sweep-r{r}" / "sweep.csv"))}
+        assert float(rows["default", "cooking"]["lds"]) == pytest.approx(expected, abs=1e-4)
+    assert main(sweep + ["--out", str(run / "sweep-r2"), "--set", "replicas=[2]"]) == 2  # only 2 seeds were trained
     # seeds: replica 0 keeps the single-seed rule, the others never reuse another model's seed
     from dsdm.validate import ValidateConfig
 
