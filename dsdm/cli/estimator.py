@@ -176,7 +176,9 @@ def register(subparsers) -> None:
             "config, k, topk_loss, random_loss, random_loss_se), sweep.png, arms/ (selection-arm models),\n"
             "_done.json. Settings: --set regime='...' baselines=[dsir] device=cpu topk_fraction=0.074\n"
             "random_arms=3 (topk_fraction > 0: per variant and task, train the LDS run's recipe on the k examples\n"
-            "the variant selects and report its holdout loss beside random k-subsets: what selection uses)."
+            "the variant selects and report its holdout loss beside random k-subsets: what selection uses);\n"
+            "subset_range=[A,B] (those subsets only); replicas=[2,3] (a train_seeds > 1 run read against the mean\n"
+            "of those training seeds only)."
         ),
     )
     w.add_argument("--lds", required=True, metavar="DIR", help="output directory of dsdm validate-lds")
