@@ -123,8 +123,8 @@ def load_lds_run(lds_dir, replicas: list[int] | None = None) -> dict:
             f"{lds_dir}/lds.json has no losses_by_task (made before `eval_tasks`): re-run validate-lds to sweep it"
         )
     rec = run["record"]
-    if replicas:
-        by_replica = rec.get("losses_by_replica") or {}
+    by_replica = rec.get("losses_by_replica") or {}  # absent when the run trained one seed per subset
+    if replicas and (by_replica or list(replicas) != [0]):
         have = min((len(v) for v in by_replica.values()), default=1)
         if max(replicas) >= have:
             raise ValueError(

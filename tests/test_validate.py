@@ -248,6 +248,9 @@ def test_train_seeds_average_replicas_whose_first_is_the_single_seed_model(tmp_p
         rows = {(x["variant"], x["target"]): x for x in csv.DictReader(open(run / f"sweep-r{r}" / "sweep.csv"))}
         assert float(rows["default", "cooking"]["lds"]) == pytest.approx(expected, abs=1e-4)
     assert main(sweep + ["--out", str(run / "sweep-r2"), "--set", "replicas=[2]"]) == 2  # only 2 seeds were trained
+    one_sweep = [a if a != str(run / "two") else str(run / "one") for a in sweep]  # a single-seed run: replica 0 only
+    assert main(one_sweep + ["--out", str(run / "sweep-one-r0"), "--set", "replicas=[0]"]) == 0
+    assert main(one_sweep + ["--out", str(run / "sweep-one-r1"), "--set", "replicas=[1]"]) == 2
     # seeds: replica 0 keeps the single-seed rule, the others never reuse another model's seed
     from dsdm.validate import ValidateConfig
 
