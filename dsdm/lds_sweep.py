@@ -124,13 +124,13 @@ def load_lds_run(lds_dir, replicas: list[int] | None = None) -> dict:
         )
     rec = run["record"]
     by_replica = rec.get("losses_by_replica") or {}  # absent when the run trained one seed per subset
-    if replicas and (by_replica or list(replicas) != [0]):
-        have = min((len(v) for v in by_replica.values()), default=1)
-        if max(replicas) >= have:
-            raise ValueError(
-                f"replicas {replicas}: {lds_dir} trained {have} seed(s) per subset (replica indices 0..{have - 1}); "
-                "train more with validate-lds --set train_seeds=R"
-            )
+    have = len(next(iter(by_replica.values()))) if by_replica else 1
+    if replicas and max(replicas) >= have:
+        raise ValueError(
+            f"replicas {replicas}: {lds_dir} trained {have} seed(s) per subset (replica indices 0..{have - 1}); "
+            "train more with validate-lds --set train_seeds=R"
+        )
+    if replicas and by_replica:  # else replicas == [0] of a single-seed run: its own losses
         run["tasks"] = {
             name: (
                 spec,
