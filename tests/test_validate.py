@@ -4,6 +4,7 @@
 Run: .venv/bin/python -m pytest -q tests/test_validate.py
 """
 
+import csv
 import hashlib
 import json
 
@@ -142,8 +143,6 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     sweep = ["lds-sweep", "--lds", str(run / "lds"), "--features", str(run / "features"), "--variants", str(variants)]
     assert main(sweep + ["--out", str(run / "sweep"), "--set", "regime=micro test", "--set", "device=cpu"]) == 0
     capsys.readouterr()
-    import csv
-
     rows = {(r["variant"], r["target"]): r for r in csv.DictReader(open(run / "sweep" / "sweep.csv"))}
     assert set(rows) == {(v, t) for v in ("default", "same", "first", "cos", "dsir") for t in ("cooking", "sports")}
     assert float(rows["default", "cooking"]["lds"]) == pytest.approx(rec["lds_target"], abs=1e-4)
@@ -235,8 +234,6 @@ def test_train_seeds_average_replicas_whose_first_is_the_single_seed_model(tmp_p
     assert -1 <= two["replica_agreement"]["cooking"]["target"] <= 1 and "replica_agreement" not in one
     # the sweep reads the LDS against a chosen group of seeds: replica 0 alone is the single-seed run's LDS, replica 1
     # alone is the LDS of the same predictions against replica 1's recorded losses
-    import csv
-
     (tmp_path / "default.yaml").write_text("default: {}\n")
     sweep = ["lds-sweep", "--lds", str(run / "two"), "--features", str(run / "features"), "--set", "device=cpu"]
     sweep += ["--variants", str(tmp_path / "default.yaml"), "--set", "baselines=[]"]
