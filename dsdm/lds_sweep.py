@@ -17,7 +17,8 @@ fitted on each task's target split and scored over the pool (dsdm.baselines.fit_
 Selection arms (`topk_fraction` > 0): the LDS ranks random subsets, but selection keeps the top of one ranking, and
 the two can disagree (docs/estimator.md, "Downstream check"). So each (variant, task) can also train one model, with
 the LDS run's own recipe and seed, on the k examples that variant would select for that task (top-k; a baseline by
-its own rule, e.g. DSIR's Gumbel top-k), and report its holdout loss beside `random_arms` models on uniform k-subsets.
+its own rule, e.g. DSIR's Gumbel top-k), and report its holdout loss beside `random_arms` models on uniform k-subsets;
+`arm_seeds` > 1 averages every arm over that many training seeds.
 """
 
 from __future__ import annotations
@@ -41,7 +42,14 @@ from dsdm.io import atomic_path, atomic_write_text, mark_done
 from dsdm.pool import Pool
 from dsdm.select import select_by_rule, top_k, uniform_k
 from dsdm.tasks import encode_examples, load_task
-from dsdm.validate import ValidateConfig, lds_summary, read_lds_run, subset_predictions, train_and_eval, train_seed
+from dsdm.validate import (
+    ValidateConfig,
+    lds_summary,
+    read_lds_run,
+    replica_seed,
+    subset_predictions,
+    train_and_eval,
+)
 
 # name -> ScoreConfig overrides; "default" is ScoreConfig() itself. Chosen to answer docs/estimator.md's questions
 # one switch at a time (issue 13's list); combinations go in a variants file.
@@ -99,6 +107,11 @@ class SweepConfig:
     """k = round(topk_fraction * N) for the selection arms (module docstring); 0 = LDS only, no training."""
     random_arms: int = 3
     """Uniform random k-subsets trained as the reference of the selection arms (their mean and standard error)."""
+    arm_seeds: int = 1
+    """Training seeds per arm: every arm's loss (top-k and random) is the mean of this many models on the same
+    indices, seed r = validate's replica r of the sanity arms (r = 0 is the single model of arm_seeds = 1, so a
+    sweep's arms are reused and extended). One model's seed noise is about as large as the random arms' spread
+    (docs/estimator.md round 14), so differences between variants under ~0.15 nats need more than one."""
 
     def __post_init__(self):
         if not 0 <= self.topk_fraction < 1:
@@ -110,6 +123,8 @@ class SweepConfig:
             raise ValueError(f"replicas must be distinct replica indices >= 0, got {self.replicas}")
         if self.topk_fraction and self.random_arms < 2:
             raise ValueError(f"random_arms must be >= 2 for a standard error, got {self.random_arms}")
+        if self.arm_seeds < 1:
+            raise ValueError(f"arm_seeds must be >= 1, got {self.arm_seeds}")
 
 
 def load_lds_run(lds_dir, replicas: list[int] | None = None) -> dict:
@@ -167,7 +182,7 @@ class _Arms:
 
     def __init__(self, run: dict, pool: Pool, out_dir: Path, cfg: SweepConfig, device):
         self.vcfg = from_dict(ValidateConfig, run["config"], prefix="lds.json config: ")
-        self.pool, self.dir, self.device = pool, out_dir / "arms", device
+        self.pool, self.dir, self.device, self.seeds = pool, out_dir / "arms", device, cfg.arm_seeds
         self.k = max(1, int(round(cfg.topk_fraction * run["n"])))
         self.evals = {}
         for task, (spec, _, _) in run["tasks"].items():
@@ -184,13 +199,19 @@ class _Arms:
         )
 
     def loss(self, indices: np.ndarray, tasks: list[str]) -> dict[str, float]:
+        """Mean holdout loss over the arm's `arm_seeds` models, task -> float."""
         evals = {t: self.evals[t] for t in tasks}
-        seed = train_seed(self.vcfg, 999)  # the seed validate-lds gives its sanity arms
         indices = np.sort(indices)
         # named by content, not by variant: an edited variant trains anew, equal selections share one model
-        model_dir = self.dir / f"k{indices.size}_{hashlib.sha256(indices.tobytes()).hexdigest()[:16]}"
-        measured = train_and_eval(self.pool, indices, self.vcfg, seed, model_dir, evals, self.device)
-        return {t: measured[t]["holdout"] for t in tasks}
+        name = f"k{indices.size}_{hashlib.sha256(indices.tobytes()).hexdigest()[:16]}"
+        losses = {t: [] for t in tasks}
+        for r in range(self.seeds):
+            seed = replica_seed(self.vcfg, 999, r)  # r = 0: the seed validate-lds gives its sanity arms
+            model_dir = self.dir / (name if r == 0 else f"{name}_r{r}")
+            measured = train_and_eval(self.pool, indices, self.vcfg, seed, model_dir, evals, self.device)
+            for t in tasks:
+                losses[t].append(measured[t]["holdout"])
+        return {t: float(np.mean(v)) for t, v in losses.items()}
 
     def columns(self, task: str, indices: np.ndarray) -> dict:
         random = self.random[task]

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from dsdm.datamodel import ScoreConfig
+from dsdm.model import load_model
 from dsdm.pool import Pool
 from dsdm.select import balanced_top_k, top_k
-from dsdm.validate import lds, lds_by_ensemble_size, lds_by_group, rescore, subset_predictions
+from dsdm.tasks import encode_examples, load_task
+from dsdm.validate import continuation_loss, lds, lds_by_ensemble_size, lds_by_group, rescore, subset_predictions
 
 
 def _subsets(n=200, count=30, size=50, seed=0):
@@ -192,6 +194,25 @@ def test_validate_lds_cli_end_to_end(tmp_path, capsys):
     arm = f"k{kept.size}_{hashlib.sha256(kept.tobytes()).hexdigest()[:16]}"  # arms are named by their indices
     record = json.loads((run / "sweep-arms" / "arms" / arm / "_done.json").read_text())
     assert record["config"]["indices_sha256"] == hashlib.sha256(kept.tobytes()).hexdigest()
+    # arm_seeds = 2: every arm is the mean of two models on the same indices. The first is the one-seed sweep's model
+    # (same seed, same bytes), the second another seed; the loss is their mean, recomputed here from the saved models
+    (tmp_path / "default.yaml").write_text("default: {}\n")
+    two = sweep[:-1] + [str(tmp_path / "default.yaml"), "--out", str(run / "sweep-arms2"), "--set", "baselines=[]"]
+    assert main(two + arms + ["--set", "arm_seeds=2"]) == 0
+    capsys.readouterr()
+    rows2 = {(r["variant"], r["target"]): r for r in csv.DictReader(open(run / "sweep-arms2" / "sweep.csv"))}
+    kept = np.sort(top_k(np.load(run / "d.npy"), round(0.2 * n)))
+    name = f"k{kept.size}_{hashlib.sha256(kept.tobytes()).hexdigest()[:16]}"
+    seeds = [run / "sweep-arms2" / "arms" / name, run / "sweep-arms2" / "arms" / f"{name}_r1"]
+    weights = [d / "model.safetensors" for d in (run / "sweep-arms" / "arms" / name, *seeds)]
+    assert weights[0].read_bytes() == weights[1].read_bytes() != weights[2].read_bytes()
+    p = Pool(pool)
+    tok, _, sc = encode_examples(p.tokenizer, load_task(cooking).split("holdout"), p.seq_len, p.eos_id)
+    each = [float(continuation_loss(load_model(d), tok, sc, "cpu").mean()) for d in seeds]
+    assert float(rows2["default", "cooking"]["topk_loss"]) == pytest.approx(np.mean(each), abs=1e-4)
+    assert float(rows["default", "cooking"]["topk_loss"]) == pytest.approx(each[0], abs=1e-4)
+    assert main(two + arms + ["--set", "arm_seeds=0"]) == 2
+    assert "arm_seeds must be >= 1" in capsys.readouterr().err
     variants.write_text("hot: {select: {rule: tempered, temp: 2}}\n")
     assert main(sweep + ["--out", str(run / "sweep3")] + arms) == 2
     assert "variant hot: select must be" in capsys.readouterr().err

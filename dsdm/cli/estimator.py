@@ -177,6 +177,7 @@ def register(subparsers) -> None:
             "_done.json. Settings: --set regime='...' baselines=[dsir] device=cpu topk_fraction=0.074\n"
             "random_arms=3 (topk_fraction > 0: per variant and task, train the LDS run's recipe on the k examples\n"
             "the variant selects and report its holdout loss beside random k-subsets: what selection uses);\n"
+            "arm_seeds=2 (each arm's loss the mean of that many training seeds; the first is reused);\n"
             "subset_range=[A,B] (those subsets only); replicas=[2,3] (a train_seeds > 1 run read against the mean\n"
             "of those training seeds only)."
         ),
