@@ -44,6 +44,7 @@ from dsdm.select import select_by_rule, top_k, uniform_k
 from dsdm.tasks import encode_examples, load_task
 from dsdm.validate import (
     ValidateConfig,
+    lds,
     lds_summary,
     read_lds_run,
     replica_seed,
@@ -103,6 +104,10 @@ class SweepConfig:
     the run's own mean). A run trained with several seeds can so be read against disjoint groups of seeds: a variant
     chosen on replicas [0, 1] is confirmed on [2, 3], whose training noise is independent (docs/estimator.md round
     13)."""
+    choose_on: list[int] = field(default_factory=list)
+    """[start, stop) of the measured subsets: per task, choose the variant (baselines excluded) with the largest LDS
+    on those subsets, and add a row `chosen` with its LDS on the other subsets. An automatic choice whose reading is
+    not fitted to the subsets it chose on, e.g. of the ridge among ridge variants (docs/estimator.md round 15c)."""
     topk_fraction: float = 0.0
     """k = round(topk_fraction * N) for the selection arms (module docstring); 0 = LDS only, no training."""
     random_arms: int = 3
@@ -119,6 +124,9 @@ class SweepConfig:
         r = self.subset_range
         if r and (len(r) != 2 or not 0 <= r[0] or r[1] - r[0] < 3):
             raise ValueError(f"subset_range must be [start, stop) with 0 <= start and >= 3 subsets, got {r}")
+        c = self.choose_on
+        if c and (len(c) != 2 or not 0 <= c[0] or c[1] - c[0] < 3):
+            raise ValueError(f"choose_on must be [start, stop) with 0 <= start and >= 3 subsets, got {c}")
         if len(set(self.replicas)) != len(self.replicas) or any(r < 0 for r in self.replicas):
             raise ValueError(f"replicas must be distinct replica indices >= 0, got {self.replicas}")
         if self.topk_fraction and self.random_arms < 2:
@@ -246,6 +254,29 @@ def selection_rule(spec: dict | None, pool: Pool, name: str):
     )
 
 
+def held_out_choice(scores: dict[str, np.ndarray], run: dict, choose_on: list[int]) -> dict[str, tuple[str, dict, int]]:
+    """Per task, the variant whose LDS on subsets [start, stop) of the run is the largest (the first in `scores`
+    order on a tie; an undefined LDS never wins), and that variant's LDS summary on the other subsets.
+
+    scores: variant name -> (N, T) per-task scores, columns in run['tasks'] order.
+    -> task -> (chosen name, lds_summary on the other subsets, their number)."""
+    start, stop = choose_on
+    rest = [j for j in range(len(run["subsets"])) if not start <= j < stop]
+    if stop > len(run["subsets"]) or len(rest) < 3:
+        raise ValueError(f"choose_on {choose_on}: needs >= 3 of the {len(run['subsets'])} subsets outside it")
+    chosen = {}
+    for t, (task, (_, target, holdout)) in enumerate(run["tasks"].items()):
+        target, holdout = np.asarray(target), np.asarray(holdout)
+        on = {}
+        for name, s in scores.items():
+            value = lds(subset_predictions(s[:, t], run["subsets"][start:stop]), target[start:stop])
+            on[name] = value if np.isfinite(value) else -np.inf
+        best = max(on, key=on.get)
+        pred = subset_predictions(scores[best][:, t], [run["subsets"][j] for j in rest])
+        chosen[task] = (best, lds_summary(pred, target[rest], holdout[rest]), len(rest))
+    return chosen
+
+
 def _rows_for(name, scores, run, regime, features, config, arms: _Arms | None = None, select=None) -> list[dict]:
     """One row per task: the LDS of (N, T) per-task scores (columns in run['tasks'] order), and with `arms` the
     holdout loss of a model trained on what select(scores[:, t], k) keeps (default: top-k)."""
@@ -287,6 +318,10 @@ def sweep(
             raise ValueError(f"subset_range {cfg.subset_range}: {lds_dir} has {len(run['subsets'])} subsets")
         run["subsets"] = run["subsets"][start:stop]
         run["tasks"] = {t: (spec, a[start:stop], b[start:stop]) for t, (spec, a, b) in run["tasks"].items()}
+    if cfg.choose_on and (
+        cfg.choose_on[1] > len(run["subsets"]) or len(run["subsets"]) - cfg.choose_on[1] + cfg.choose_on[0] < 3
+    ):
+        raise ValueError(f"choose_on {cfg.choose_on}: needs >= 3 of the {len(run['subsets'])} subsets outside it")
     variants = dict(DEFAULT_VARIANTS if variants is None else variants)
     if "main" not in features:
         raise ValueError("lds-sweep needs the main feature store (--features DIR)")
@@ -301,6 +336,8 @@ def sweep(
             raise ValueError(f"lds-sweep baselines: {b!r} is not a targeted method ({', '.join(METHODS)})")
         if b in variants:
             raise ValueError(f"variant {b!r} has the name of a baseline row; rename the variant")
+    if cfg.choose_on and "chosen" in variants:
+        raise ValueError("variant 'chosen' has the name of the choose_on row; rename the variant")
     pool, out_dir = Pool(run["pool"]), Path(out_dir)
     parsed = {}  # every variant checked before any work: name -> (store, ScoreConfig overrides, ScoreConfig, rule)
     for name, overrides in variants.items():
@@ -322,6 +359,29 @@ def sweep(
         config = {**overrides, **({"select": variants[name]["select"]} if "select" in variants[name] else {})}
         rows += _rows_for(name, cache[key], run, cfg.regime, store, config, arms, select)
         log(f"variant {name}: " + _summary(rows[-len(specs) :]))
+    if cfg.choose_on:
+        by_name = {
+            name: cache[json.dumps([store, overrides], sort_keys=True)]
+            for name, (store, overrides, _, _) in parsed.items()
+        }
+        for task, (best, summary, n_rest) in held_out_choice(by_name, run, cfg.choose_on).items():
+            rows.append(
+                {
+                    "variant": "chosen",
+                    "target": task,
+                    "lds": round(summary["lds_target"], 4),
+                    "p": float(f"{summary['lds_target_p']:.3g}"),
+                    "lds_holdout": round(summary["lds_holdout"], 4),
+                    "subsets": n_rest,
+                    "regime": cfg.regime,
+                    "features": parsed[best][0],
+                    "config": json.dumps({"chosen": best, "choose_on": cfg.choose_on}, sort_keys=True),
+                }
+            )
+            log(
+                f"chosen on subsets {cfg.choose_on} for {task}: {best}; "
+                f"LDS on the other {n_rest}: {rows[-1]['lds']:+.3f}"
+            )
     for b in cfg.baselines:
         est = make(b)
         per_task = np.stack(

@@ -65,6 +65,39 @@ def test_lds_by_ensemble_size_averages_the_first_m_proxies():
     assert sorted(lds_by_ensemble_size(us[:3], qs[:3], subsets, losses)) == [1, 2, 3]
 
 
+@pytest.mark.filterwarnings("ignore:An input array is constant")  # the planted constant score
+def test_held_out_choice_picks_on_one_block_and_reads_the_other():
+    """Planted case: task a's losses are exactly minus the subset sums of variant good's scores, task b's of variant
+    bad's. The choice on subsets 0-5 picks good for a and bad for b; the reported LDS is the chosen variant's on
+    subsets 6-11 (here 1.0), computed directly. A constant score (undefined LDS) never wins, and an identical copy
+    listed later loses the tie."""
+    from dsdm.lds_sweep import SweepConfig, held_out_choice
+
+    rng = np.random.default_rng(0)
+    good, bad = rng.normal(size=30), rng.normal(size=30)
+    subsets = [rng.choice(30, 10, replace=False) for _ in range(12)]
+    loss_a, loss_b = -subset_predictions(good, subsets), -subset_predictions(bad, subsets)
+    run = {"subsets": subsets, "tasks": {"a": ("a", loss_a, loss_a + 1), "b": ("b", loss_b, loss_b)}}
+    scores = {
+        "const": np.zeros((30, 2)),
+        "good": np.stack([good, good], 1),
+        "bad": np.stack([bad, bad], 1),
+        "good_copy": np.stack([good, good], 1),
+    }
+    chosen = held_out_choice(scores, run, [0, 6])
+    assert (chosen["a"][0], chosen["b"][0]) == ("good", "bad")
+    name, summary, n_rest = chosen["a"]
+    assert n_rest == 6 and summary["lds_target"] == pytest.approx(
+        lds(subset_predictions(good, subsets[6:]), loss_a[6:])
+    )
+    assert summary["lds_target"] == pytest.approx(1.0) and summary["lds_holdout"] == pytest.approx(1.0)
+    assert held_out_choice(scores, run, [3, 9])["b"][0] == "bad"  # a block in the middle: the rest is both ends
+    with pytest.raises(ValueError, match="outside it"):
+        held_out_choice(scores, run, [0, 10])
+    with pytest.raises(ValueError, match="choose_on must be"):
+        SweepConfig(choose_on=[0, 2])
+
+
 def test_rescore_gives_other_scores_an_lds_on_the_measured_models(tmp_path):
     """A fake validate-lds directory whose losses follow a known helpfulness h: rescoring h gives a high LDS, -h the
     mirror image, noise ~0; a score file of the wrong length is refused, naming the file."""

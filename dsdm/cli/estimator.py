@@ -178,6 +178,8 @@ def register(subparsers) -> None:
             "random_arms=3 (topk_fraction > 0: per variant and task, train the LDS run's recipe on the k examples\n"
             "the variant selects and report its holdout loss beside random k-subsets: what selection uses);\n"
             "arm_seeds=2 (each arm's loss the mean of that many training seeds; the first is reused);\n"
+            "choose_on=[A,B] (per task, the variant with the best LDS on subsets A..B-1 and, as row `chosen`, its\n"
+            "LDS on the other subsets: a held-out automatic choice, e.g. of the ridge);\n"
             "subset_range=[A,B] (those subsets only); replicas=[2,3] (a train_seeds > 1 run read against the mean\n"
             "of those training seeds only)."
         ),
