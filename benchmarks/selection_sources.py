@@ -21,9 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from dsdm.config import from_dict
+from dsdm.config import load_config
 from dsdm.datamodel import ScoreConfig, score_tasks
 from dsdm.pool import Pool
 from dsdm.select import top_k
@@ -66,8 +65,7 @@ def main() -> None:
             + " |"
         )
     if args.features:
-        overrides = dict(kv.split("=", 1) for kv in args.set)
-        cfg = from_dict(ScoreConfig, {k: yaml.safe_load(v) for k, v in overrides.items()}, prefix="--set ")
+        cfg = load_config(ScoreConfig, None, args.set)
         scores, names = score_tasks(args.features, args.target, cfg, "cpu")
         k = int(round(args.fraction * sources.size))
         for j, name in enumerate(names):

@@ -121,12 +121,10 @@ class SweepConfig:
     def __post_init__(self):
         if not 0 <= self.topk_fraction < 1:
             raise ValueError(f"topk_fraction must be in [0, 1), got {self.topk_fraction}")
-        r = self.subset_range
-        if r and (len(r) != 2 or not 0 <= r[0] or r[1] - r[0] < 3):
-            raise ValueError(f"subset_range must be [start, stop) with 0 <= start and >= 3 subsets, got {r}")
-        c = self.choose_on
-        if c and (len(c) != 2 or not 0 <= c[0] or c[1] - c[0] < 3):
-            raise ValueError(f"choose_on must be [start, stop) with 0 <= start and >= 3 subsets, got {c}")
+        for key in ("subset_range", "choose_on"):
+            r = getattr(self, key)
+            if r and (len(r) != 2 or not 0 <= r[0] or r[1] - r[0] < 3):
+                raise ValueError(f"{key} must be [start, stop) with 0 <= start and >= 3 subsets, got {r}")
         if len(set(self.replicas)) != len(self.replicas) or any(r < 0 for r in self.replicas):
             raise ValueError(f"replicas must be distinct replica indices >= 0, got {self.replicas}")
         if self.topk_fraction and self.random_arms < 2:
@@ -254,6 +252,15 @@ def selection_rule(spec: dict | None, pool: Pool, name: str):
     )
 
 
+def _outside(choose_on: list[int], count: int) -> list[int]:
+    """The subset indices of 0..count-1 outside [start, stop); refuses a block that leaves fewer than 3 or overruns."""
+    start, stop = choose_on
+    rest = [j for j in range(count) if not start <= j < stop]
+    if stop > count or len(rest) < 3:
+        raise ValueError(f"choose_on {choose_on}: needs >= 3 of the {count} subsets outside it")
+    return rest
+
+
 def held_out_choice(scores: dict[str, np.ndarray], run: dict, choose_on: list[int]) -> dict[str, tuple[str, dict, int]]:
     """Per task, the variant whose LDS on subsets [start, stop) of the run is the largest (the first in `scores`
     order on a tie; an undefined LDS never wins), and that variant's LDS summary on the other subsets.
@@ -261,9 +268,7 @@ def held_out_choice(scores: dict[str, np.ndarray], run: dict, choose_on: list[in
     scores: variant name -> (N, T) per-task scores, columns in run['tasks'] order.
     -> task -> (chosen name, lds_summary on the other subsets, their number)."""
     start, stop = choose_on
-    rest = [j for j in range(len(run["subsets"])) if not start <= j < stop]
-    if stop > len(run["subsets"]) or len(rest) < 3:
-        raise ValueError(f"choose_on {choose_on}: needs >= 3 of the {len(run['subsets'])} subsets outside it")
+    rest = _outside(choose_on, len(run["subsets"]))
     chosen = {}
     for t, (task, (_, target, holdout)) in enumerate(run["tasks"].items()):
         target, holdout = np.asarray(target), np.asarray(holdout)
@@ -277,6 +282,16 @@ def held_out_choice(scores: dict[str, np.ndarray], run: dict, choose_on: list[in
     return chosen
 
 
+def _lds_columns(summary: dict, subsets: int) -> dict:
+    """The LDS columns of a sweep.csv row from an lds_summary over `subsets` subsets."""
+    return {
+        "lds": round(summary["lds_target"], 4),
+        "p": float(f"{summary['lds_target_p']:.3g}"),
+        "lds_holdout": round(summary["lds_holdout"], 4),
+        "subsets": subsets,
+    }
+
+
 def _rows_for(name, scores, run, regime, features, config, arms: _Arms | None = None, select=None) -> list[dict]:
     """One row per task: the LDS of (N, T) per-task scores (columns in run['tasks'] order), and with `arms` the
     holdout loss of a model trained on what select(scores[:, t], k) keeps (default: top-k)."""
@@ -288,10 +303,7 @@ def _rows_for(name, scores, run, regime, features, config, arms: _Arms | None = 
             {
                 "variant": name,
                 "target": task,
-                "lds": round(summary["lds_target"], 4),
-                "p": float(f"{summary['lds_target_p']:.3g}"),
-                "lds_holdout": round(summary["lds_holdout"], 4),
-                "subsets": len(run["subsets"]),
+                **_lds_columns(summary, len(run["subsets"])),
                 "regime": regime,
                 "features": features,
                 "config": json.dumps(config, sort_keys=True),
@@ -318,10 +330,8 @@ def sweep(
             raise ValueError(f"subset_range {cfg.subset_range}: {lds_dir} has {len(run['subsets'])} subsets")
         run["subsets"] = run["subsets"][start:stop]
         run["tasks"] = {t: (spec, a[start:stop], b[start:stop]) for t, (spec, a, b) in run["tasks"].items()}
-    if cfg.choose_on and (
-        cfg.choose_on[1] > len(run["subsets"]) or len(run["subsets"]) - cfg.choose_on[1] + cfg.choose_on[0] < 3
-    ):
-        raise ValueError(f"choose_on {cfg.choose_on}: needs >= 3 of the {len(run['subsets'])} subsets outside it")
+    if cfg.choose_on:
+        _outside(cfg.choose_on, len(run["subsets"]))  # refused before any scoring
     variants = dict(DEFAULT_VARIANTS if variants is None else variants)
     if "main" not in features:
         raise ValueError("lds-sweep needs the main feature store (--features DIR)")
@@ -350,29 +360,23 @@ def sweep(
     device = resolve_device(cfg.device)[0]
     specs = [spec for spec, _, _ in run["tasks"].values()]
     arms = _Arms(run, pool, out_dir, cfg, device) if cfg.topk_fraction else None
-    rows, cache = [], {}  # variants that differ only in their selection rule share one scoring pass
+    rows, cache, by_name = [], {}, {}  # variants that differ only in their selection rule share one scoring pass
     for name, (store, overrides, score_cfg, select) in parsed.items():
         key = json.dumps([store, overrides], sort_keys=True)
         if key not in cache:
             us, qs, _ = score_tasks_per_proxy(Path(features[store]), specs, score_cfg, device)
             cache[key] = ensemble(us, qs)
+        by_name[name] = cache[key]
         config = {**overrides, **({"select": variants[name]["select"]} if "select" in variants[name] else {})}
         rows += _rows_for(name, cache[key], run, cfg.regime, store, config, arms, select)
         log(f"variant {name}: " + _summary(rows[-len(specs) :]))
     if cfg.choose_on:
-        by_name = {
-            name: cache[json.dumps([store, overrides], sort_keys=True)]
-            for name, (store, overrides, _, _) in parsed.items()
-        }
         for task, (best, summary, n_rest) in held_out_choice(by_name, run, cfg.choose_on).items():
             rows.append(
                 {
                     "variant": "chosen",
                     "target": task,
-                    "lds": round(summary["lds_target"], 4),
-                    "p": float(f"{summary['lds_target_p']:.3g}"),
-                    "lds_holdout": round(summary["lds_holdout"], 4),
-                    "subsets": n_rest,
+                    **_lds_columns(summary, n_rest),
                     "regime": cfg.regime,
                     "features": parsed[best][0],
                     "config": json.dumps({"chosen": best, "choose_on": cfg.choose_on}, sort_keys=True),

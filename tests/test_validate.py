@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dsdm.datamodel import ScoreConfig
+from dsdm.lds_sweep import SweepConfig, held_out_choice
 from dsdm.model import load_model
 from dsdm.pool import Pool
 from dsdm.select import balanced_top_k, top_k
@@ -71,8 +72,6 @@ def test_held_out_choice_picks_on_one_block_and_reads_the_other():
     bad's. The choice on subsets 0-5 picks good for a and bad for b; the reported LDS is the chosen variant's on
     subsets 6-11 (here 1.0), computed directly. A constant score (undefined LDS) never wins, and an identical copy
     listed later loses the tie."""
-    from dsdm.lds_sweep import SweepConfig, held_out_choice
-
     rng = np.random.default_rng(0)
     good, bad = rng.normal(size=30), rng.normal(size=30)
     subsets = [rng.choice(30, 10, replace=False) for _ in range(12)]
@@ -86,7 +85,7 @@ def test_held_out_choice_picks_on_one_block_and_reads_the_other():
     }
     chosen = held_out_choice(scores, run, [0, 6])
     assert (chosen["a"][0], chosen["b"][0]) == ("good", "bad")
-    name, summary, n_rest = chosen["a"]
+    _, summary, n_rest = chosen["a"]
     assert n_rest == 6 and summary["lds_target"] == pytest.approx(
         lds(subset_predictions(good, subsets[6:]), loss_a[6:])
     )
