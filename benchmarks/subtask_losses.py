@@ -24,6 +24,12 @@ from dsdm.model import load_model
 from dsdm.tasks import load_task
 
 
+def group_order(name: str) -> list[tuple]:
+    """Sort key of a model group name: its `_`-separated fields, numbers by value (29440 before 117760) and before
+    words, so names with a number and a word in the same field (`..._16x` against `..._29440_e1`) still compare."""
+    return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in name.split("_")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="experiment run directory (models/, pool/tokenizer.json)")
@@ -48,7 +54,7 @@ def main() -> None:
     print(f"{task.name} holdout loss per kind (n = {len(examples)}; ln V = {np.log(tokenizer.get_vocab_size()):.3f})")
     print("| model | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * len(columns))
-    for group in sorted(losses, key=lambda g: [int(x) if x.isdigit() else x for x in g.split("_")]):
+    for group in sorted(losses, key=group_order):
         cells = [f"{np.mean(v):.3f} ({' '.join(f'{x:.2f}' for x in v)})" for v in (losses[group][c] for c in columns)]
         print(f"| {group} | " + " | ".join(cells) + " |")
 
