@@ -17,7 +17,6 @@ Run:  .venv/bin/python benchmarks/selection_sources.py --pool runs/repro-cpu15/p
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +27,16 @@ from dsdm.pool import Pool
 from dsdm.select import top_k
 
 
-def shares(sources: np.ndarray, order: list[str], indices: np.ndarray | None = None) -> list[float]:
-    """Fraction of `indices` (default: the whole pool) from each source of `order`."""
-    picked = Counter(sources if indices is None else sources[indices])
-    total = sum(picked.values())
-    return [picked[s] / total for s in order]
+def shares(codes: np.ndarray, order: np.ndarray, indices: np.ndarray | None = None) -> list[float]:
+    """Fraction of `indices` (default: the whole pool) from each source code of `order`; codes from Pool.codes."""
+    picked = np.bincount(codes if indices is None else codes[indices], minlength=int(codes.max()) + 1)
+    return (picked[order] / picked.sum()).tolist()
 
 
-def between_share(scores: np.ndarray, sources: np.ndarray) -> float:
+def between_share(scores: np.ndarray, codes: np.ndarray) -> float:
     """Share of the variance of the standardized scores explained by the source means, (N,), (N,) -> [0, 1]."""
     z = (scores - scores.mean()) / scores.std()
-    return float(sum((sources == s).mean() * z[sources == s].mean() ** 2 for s in np.unique(sources)))
+    return float(sum((codes == c).mean() * z[codes == c].mean() ** 2 for c in np.unique(codes)))
 
 
 def main() -> None:
@@ -52,26 +50,26 @@ def main() -> None:
     args = ap.parse_args()
     if bool(args.features) != bool(args.target):
         raise SystemExit("--features and --target go together")
-    sources = np.asarray(Pool(args.pool).meta.column("source").to_pylist(), dtype=object).astype(str)
-    order = sorted(set(sources), key=lambda s: -(sources == s).sum())
-    print("| selection | k | between | " + " | ".join(order) + " |")
+    codes, labels = Pool(args.pool).codes("source")
+    order = np.argsort(-np.bincount(codes, minlength=len(labels)), kind="stable")  # most common first
+    print("| selection | k | between | " + " | ".join(labels[c] for c in order) + " |")
     print("|---|---:|---:|" + "---:|" * len(order))
-    print(f"| pool | {sources.size} | | " + " | ".join(f"{x:.3f}" for x in shares(sources, order)) + " |")
+    print(f"| pool | {codes.size} | | " + " | ".join(f"{x:.3f}" for x in shares(codes, order)) + " |")
     for d in args.selections:
         idx = np.load(d / "indices.npy")
         print(
             f"| {d.parent.parent.name}/{d.name} | {idx.size} | | "
-            + " | ".join(f"{x:.3f}" for x in shares(sources, order, idx))
+            + " | ".join(f"{x:.3f}" for x in shares(codes, order, idx))
             + " |"
         )
     if args.features:
         cfg = load_config(ScoreConfig, None, args.set)
         scores, names = score_tasks(args.features, args.target, cfg, "cpu")
-        k = int(round(args.fraction * sources.size))
+        k = int(round(args.fraction * codes.size))
         for j, name in enumerate(names):
             idx = top_k(scores[:, j], k)
-            row = " | ".join(f"{x:.3f}" for x in shares(sources, order, idx))
-            print(f"| dsdm {name} {' '.join(args.set)} | {k} | {between_share(scores[:, j], sources):.3f} | {row} |")
+            row = " | ".join(f"{x:.3f}" for x in shares(codes, order, idx))
+            print(f"| dsdm {name} {' '.join(args.set)} | {k} | {between_share(scores[:, j], codes):.3f} | {row} |")
 
 
 if __name__ == "__main__":
