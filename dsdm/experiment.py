@@ -156,6 +156,32 @@ class EvalSpec:
 
 
 @dataclass
+class TrainingExecutorConfig:
+    """Where the evaluation models train: how, never what (no part of any stage's key; docs/runner.md "Training the
+    evaluation models in parallel")."""
+
+    executor: str = "local"
+    """local (one model after another in this process, torch's default threads) | ray (every model that is not
+    done yet as its own Ray task, as many at once as the cluster has room for; then the evaluations, here)."""
+    ray_address: str | None = None
+    """executor=ray: None starts a local Ray cluster; 'auto' joins the cluster this machine is in (`ray start`);
+    'ray://HOST:PORT' a remote head."""
+    cpus_per_model: float = 1
+    """executor=ray: CPUs each model's task reserves; it trains with that many torch threads. At nano size one
+    thread per model is the fastest use of the cores (docs/benchmarks.md "Evaluation models in parallel")."""
+    gpus_per_model: float = 0
+    """executor=ray: GPUs (or a fraction, e.g. 0.25: four small models share one GPU) each model's task reserves."""
+
+    def __post_init__(self):
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"training.executor must be local or ray, got {self.executor!r}")
+        if self.cpus_per_model < 1:
+            raise ValueError(f"training.cpus_per_model must be >= 1, got {self.cpus_per_model}")
+        if self.gpus_per_model < 0:
+            raise ValueError(f"training.gpus_per_model must be >= 0, got {self.gpus_per_model}")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     """Free-form name, shown in the report."""
@@ -185,6 +211,9 @@ class ExperimentConfig:
     eval_model: dict[str, Any] = field(default_factory=dict)
     """Evaluation-model training settings (dsdm.train.TrainConfig: preset, lr, batch size, ...). The token budget
     and epochs are set per cell by the runner."""
+    training: TrainingExecutorConfig = field(default_factory=TrainingExecutorConfig)
+    """Where the evaluation models train (executor, ray_address, cpus_per_model, gpus_per_model); absent = here,
+    one after another. Not part of any stage's key."""
     eval: EvalSpec = field(default_factory=EvalSpec)
     """Evaluation settings."""
     report: ReportSpec = field(default_factory=ReportSpec)
@@ -312,6 +341,8 @@ class Stage:
     inputs: list[str]
     work: Callable[[bool], None]
     """Does the work; its argument is True when an out-of-date result is being replaced."""
+    job: Callable[[bool], dict] | None = None
+    """models/* and eval/* stages: the same work as a plain description (paths, settings) a Ray task can run."""
 
 
 def task_fingerprint(task) -> str:
@@ -383,10 +414,12 @@ def plan_stages(cfg: ExperimentConfig, ctx: "Context", cells: list[Cell]) -> lis
             stages.append(Stage(sel, slice_, pool_input + scores, functools.partial(ctx.select, sel, cell)))
         model = f"models/{cell.name}"
         slice_ = {"eval_model": _train_recipe(cfg), "tokens": cell.tokens, "seed": cell.seed}
-        stages.append(Stage(model, slice_, pool_input + [sel], functools.partial(ctx.train_model, model, sel, cell)))
+        work, job = (functools.partial(f, model, sel, cell) for f in (ctx.train_model, ctx.model_job))
+        stages.append(Stage(model, slice_, pool_input + [sel], work, job))
         ev = f"eval/{cell.name}"
         slice_ = {"eval": to_dict(cfg.eval), "eval_tasks": ctx.task_hashes(ctx.eval_specs)}
-        stages.append(Stage(ev, slice_, [model], functools.partial(ctx.evaluate, ev, model, cell)))
+        work, job = (functools.partial(f, ev, model, cell) for f in (ctx.evaluate, ctx.eval_job))
+        stages.append(Stage(ev, slice_, [model], work, job))
     return stages
 
 
@@ -431,6 +464,12 @@ def run_stage(out: Path, st: Stage, keys: dict[str, str], force: bool) -> bool:
     if stale and not force:
         raise StaleRun(stale_message(out, preflight(out, [st], keys)))
     st.work(stale)
+    write_run_record(out, st, keys)
+    return True
+
+
+def write_run_record(out: Path, st: Stage, keys: dict[str, str]) -> None:
+    """Add the runner's `run` entry (key, config slice, inputs) to the record the stage's work wrote."""
     marker = out / st.name / "_done.json"
     if not marker.exists():
         raise RuntimeError(f"stage {st.name} finished without writing its record {marker}")
@@ -443,11 +482,66 @@ def run_stage(out: Path, st: Stage, keys: dict[str, str], force: bool) -> bool:
         "external": [name for name in st.inputs if not (out / name).is_dir()],  # e.g. a pool given by pool.path
     }
     write_json(marker, record)
-    return True
+
+
+def run_cells_on_ray(ctx: Context, cells: list[tuple[Stage, Stage]], keys: dict[str, str], force: bool) -> None:
+    """training.executor=ray: every (models/<cell>, eval/<cell>) pair with a part not done runs as one Ray task that
+    trains, then evaluates; the runner's records are written here when all are back. Each task opens the pool, its
+    selection and the tasks from their paths. A model finished before a failure keeps its own record (dsdm.train's),
+    so a re-run does not train it again."""
+    from dsdm.shards import plan_shards, run_shards
+
+    def todo(st: Stage) -> tuple[bool, bool]:
+        """(needs running, replaces an out-of-date result)"""
+        run = (read_record(ctx.out / st.name) or {}).get("run") or {}
+        if run.get("key") == keys[st.name]:
+            return False, False
+        if run and not force:
+            raise StaleRun(stale_message(ctx.out, preflight(ctx.out, [st], keys)))
+        return True, bool(run)
+
+    jobs, done = [], []
+    for model, ev in cells:
+        (train, redo_model), (evaluate, redo_eval) = todo(model), todo(ev)
+        if train or evaluate:  # as run_stage would: an evaluation whose record matches its key is kept
+            jobs.append(
+                {
+                    "train": model.job(redo_model) if train else None,
+                    "evaluate": ev.job(redo_eval) if evaluate else None,
+                }
+            )
+            done += [st for st, needed in ((model, train), (ev, evaluate)) if needed]
+    if not jobs:
+        return
+    where = ctx.cfg.training
+    log(
+        f"{sum(bool(j['train']) for j in jobs)} evaluation models to train and "
+        f"{sum(bool(j['evaluate']) for j in jobs)} to evaluate as Ray tasks "
+        f"({where.cpus_per_model:g} CPU, {where.gpus_per_model:g} GPU each)"
+    )
+    run_shards(
+        functools.partial(_cell_jobs, jobs, int(where.cpus_per_model)),
+        plan_shards(len(jobs), 1),
+        executor="ray",
+        desc="cells",
+        ray_address=where.ray_address,
+        num_cpus=where.cpus_per_model,
+        num_gpus=where.gpus_per_model,
+    )
+    for st in done:
+        write_run_record(ctx.out, st, keys)
 
 
 # -----------------------------------------------------------------------------
 # The work of each stage
+
+
+def clean_dir(d: Path) -> Path:
+    """A runner-owned stage folder, emptied before its result is (re)computed."""
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return d
 
 
 class Context:
@@ -484,12 +578,7 @@ class Context:
         return groups
 
     def _clean(self, name: str) -> Path:
-        """A runner-owned stage folder, emptied before its result is (re)computed."""
-        d = self.out / name
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        return d
+        return clean_dir(self.out / name)
 
     # -- shared, compute-heavy stages --------------------------------------------------------------------------
 
@@ -605,30 +694,83 @@ class Context:
     # -- evaluation models -------------------------------------------------------------------------------------------
 
     def train_model(self, name: str, sel: str, cell: Cell, redo: bool) -> None:
-        indices, _ = selections.read(self.out / sel)
+        train_model_job(self.model_job(name, sel, cell, redo))
+
+    def model_job(self, name: str, sel: str, cell: Cell, redo: bool) -> dict:
+        """What training one evaluation model needs, as paths and plain settings: it runs here or in a Ray task."""
         tcfg = _stage_cfg(
             TrainConfig, self.cfg.eval_model, "eval_model", seed=cell.seed, device=self.cfg.device, tokens=cell.tokens
         )
-        train(self.pool, indices, tcfg, self.out / name, force=redo)
+        return {  # absolute: a Ray worker's working directory is not this one
+            "pool": str(self.pool_dir.resolve()),
+            "selection": str((self.out / sel).resolve()),
+            "train": to_dict(tcfg),
+            "out": str((self.out / name).resolve()),
+            "redo": redo,
+        }
 
     def evaluate(self, name: str, model_stage: str, cell: Cell, redo: bool) -> None:
-        started, d = time.time(), self._clean(name)
-        model = load_model(self.out / model_stage).to(self.device)
-        metrics = {}
-        for spec in self.eval_specs:
-            task = self.tasks[spec]
-            r = evaluate_task(
-                model,
-                self.pool.tokenizer,
-                task,
-                split="holdout",
-                max_examples=self.cfg.eval.max_examples or None,
-                batch_size=self.cfg.eval.batch_size,
-            )
-            metrics[task.name] = {k: r.get(k) for k in METRIC_KEYS}
-            metrics[task.name]["mc_correct"] = r.get("per_example", {}).get("mc_correct")  # for the report's CIs
-        write_json(d / "metrics.json", {"cell": dataclasses.asdict(cell), "model": model_stage, "metrics": metrics})
-        mark_done(d, {"eval": dataclasses.asdict(self.cfg.eval)}, started=started, stage=name)
+        evaluate_job(self.eval_job(name, model_stage, cell, redo), [self.tasks[s] for s in self.eval_specs])
+
+    def eval_job(self, name: str, model_stage: str, cell: Cell, redo: bool) -> dict:
+        """What evaluating one model needs, as paths and plain settings: it runs here or in a Ray task."""
+        return {  # absolute: a Ray worker's working directory is not this one
+            "stage": name,
+            "out": str((self.out / name).resolve()),
+            "model": str((self.out / model_stage).resolve()),
+            "model_stage": model_stage,
+            "pool": str(self.pool_dir.resolve()),
+            "tasks": [resolve_spec(s, Path.cwd()) for s in self.eval_specs],
+            "eval": to_dict(self.cfg.eval),
+            "device": self.cfg.device,
+            "cell": dataclasses.asdict(cell),
+        }
+
+
+def train_model_job(job: dict) -> None:
+    """Train one evaluation model from Context.model_job's description (opens the pool and the selection itself)."""
+    indices, _ = selections.read(job["selection"])
+    tcfg = from_dict(TrainConfig, job["train"], prefix="eval_model.")
+    train(Pool(job["pool"]), indices, tcfg, job["out"], force=job["redo"])
+
+
+def evaluate_job(job: dict, tasks: list | None = None) -> None:
+    """Evaluate one model on every eval task's holdout (Context.eval_job's description) -> metrics.json + record.
+    `tasks`: the loaded eval tasks in the job's order (None: load them from the job's specs)."""
+    started, d = time.time(), clean_dir(Path(job["out"]))
+    tasks = tasks if tasks is not None else [load_task(spec) for spec in job["tasks"]]
+    device, _ = resolve_device(job["device"])
+    model = load_model(job["model"]).to(device)
+    tokenizer = Pool(job["pool"]).tokenizer
+    ecfg = from_dict(EvalSpec, job["eval"], prefix="eval.")
+    metrics = {}
+    for task in tasks:
+        r = evaluate_task(
+            model,
+            tokenizer,
+            task,
+            split="holdout",
+            max_examples=ecfg.max_examples or None,
+            batch_size=ecfg.batch_size,
+        )
+        metrics[task.name] = {k: r.get(k) for k in METRIC_KEYS}
+        metrics[task.name]["mc_correct"] = r.get("per_example", {}).get("mc_correct")  # for the report's CIs
+    write_json(d / "metrics.json", {"cell": job["cell"], "model": job["model_stage"], "metrics": metrics})
+    mark_done(d, {"eval": dataclasses.asdict(ecfg)}, started=started, stage=job["stage"])
+
+
+def _cell_jobs(jobs: list[dict], threads: int, start: int, stop: int) -> None:
+    """One Ray task: train, then evaluate, the cells of jobs[start:stop] (either part None = already done) with
+    `threads` torch threads (as many as the CPUs the task reserved: more would oversubscribe the cores shared with
+    the other cells' tasks)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    for job in jobs[start:stop]:
+        if job["train"]:
+            train_model_job(job["train"])
+        if job["evaluate"]:
+            evaluate_job(job["evaluate"])
 
 
 METRIC_KEYS = ("loss", "accuracy", "mc_accuracy", "chance", "loss_ci", "mc_ci", "n")
@@ -652,6 +794,8 @@ def requirements(cfg: ExperimentConfig) -> dict[str, str]:
         if METHODS[method].estimator_scores:
             opts.setdefault("scores", "-")  # the file is made by the run; only the settings are checked here
         needs.update(make(method, opts).requires())
+    if cfg.training.executor == "ray":
+        needs["ray"] = "ray"
     return needs
 
 
@@ -721,6 +865,16 @@ def recorded_stages(out: Path) -> list[str]:
     return names
 
 
+def run_stages(out: Path, stages: list[Stage], keys: dict[str, str], force: bool) -> None:
+    """run_stage on each in order, with a progress bar over the stages."""
+    bar = progress(total=len(stages), desc="stages", unit="stage")
+    for st in stages:
+        bar.set_postfix_str(st.name)
+        run_stage(out, st, keys, force)
+        bar.update(1)
+    bar.close()
+
+
 def run(cfg: ExperimentConfig, out: str | Path, force: bool = False) -> Path:
     """Run (or resume) the experiment in `out`, then render the report; returns the report.html path.
 
@@ -751,12 +905,14 @@ def run(cfg: ExperimentConfig, out: str | Path, force: bool = False) -> Path:
             f"budget {cfg.budget.tokens} tokens, seq_len {ctx.pool.seq_len}"
         )
         write_json(out / "eval_groups.json", ctx.eval_groups())
-        bar = progress(total=len(stages), desc="stages", unit="stage")
-        for st in stages:
-            bar.set_postfix_str(st.name)
-            run_stage(out, st, keys, force)
-            bar.update(1)
-        bar.close()
+        if cfg.training.executor == "ray":  # everything else, then every cell's model and evaluation at once
+            named = {st.name: st for st in stages}
+            pairs = [(named[f"models/{c.name}"], named[f"eval/{c.name}"]) for c in cells]
+            in_pairs = {st.name for pair in pairs for st in pair}
+            run_stages(out, [st for st in stages if st.name not in in_pairs], keys, force)
+            run_cells_on_ray(ctx, pairs, keys, force)
+        else:
+            run_stages(out, stages, keys, force)
         rows = results.collect([out / f"eval/{c.name}/metrics.json" for c in cells])
         path = results.write(out / "results.csv", rows)
         log(f"wrote {path}")

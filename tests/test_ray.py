@@ -11,6 +11,7 @@ Run:
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -318,6 +319,67 @@ def test_experiment_baselines_executor_ray(micro, cluster, tmp_path):
     bad = load_experiment(micro_yaml, ["baselines.executr=ray"], base_dir=root)
     with pytest.raises(ValueError, match="baselines.executr"):
         check_stage_configs(bad)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation models as Ray tasks (experiment `training: {executor: ray}`)
+
+
+@needs_ray
+def test_experiment_training_executor_ray_is_bitwise_the_local_models_and_resumes(micro, cluster, tmp_path):
+    """The runner's models trained as Ray tasks (one per model, 1 CPU = 1 torch thread each, two at once on the
+    2-CPU cluster) are bitwise the models a local run trains with 1 thread, with the same stage records, evaluations
+    and results.csv. A model deleted afterwards is the only one a re-run trains; a missing key fails loudly."""
+    import torch
+
+    from dsdm.experiment import REPO_ROOT, load_experiment, requirements, run
+
+    root, _ = micro
+    micro_yaml = REPO_ROOT / "configs" / "micro.yaml"
+    small = [
+        "methods=[random, dsir]",
+        "method_options={dsir: {num_buckets: 512}}",
+    ]  # 12 models, no proxies: the training stage is the point
+    local_cfg = load_experiment(micro_yaml, small, base_dir=root)
+    assert local_cfg.training.executor == "local" and "ray" not in requirements(local_cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each Ray task uses: float reductions then round the same way
+    try:
+        run(local_cfg, tmp_path / "local")
+    finally:
+        torch.set_num_threads(threads)
+    ray_cfg = load_experiment(micro_yaml, small + ["training.executor=ray"], base_dir=root)
+    assert requirements(ray_cfg)["ray"] == "ray"
+    run(ray_cfg, tmp_path / "ray")
+
+    models = sorted(p.name for p in (tmp_path / "local" / "models").iterdir())
+    assert len(models) == 12 and models == sorted(p.name for p in (tmp_path / "ray" / "models").iterdir())
+    weights = {}
+    for name in models:
+        a, b = (tmp_path / d / "models" / name for d in ("local", "ray"))
+        weights[name] = (b / "model.safetensors").read_bytes()
+        assert weights[name] == (a / "model.safetensors").read_bytes(), name
+        ra, rb = (json.loads((d / "_done.json").read_text())["run"] for d in (a, b))
+        assert ra == rb, name
+    assert len(set(weights.values())) == len(models)  # twelve different models, not one both executors agree on
+    assert (tmp_path / "ray" / "results.csv").read_bytes() == (tmp_path / "local" / "results.csv").read_bytes()
+
+    def stamps(stage: str, file: str) -> dict:
+        return {n: (tmp_path / "ray" / stage / n / file).stat().st_mtime_ns for n in models}
+
+    gone, gone_eval = tmp_path / "ray" / "models" / models[3], tmp_path / "ray" / "eval" / models[5]
+    metrics = (gone_eval / "metrics.json").read_bytes()
+    before = stamps("models", "model.safetensors"), stamps("eval", "metrics.json")
+    shutil.rmtree(gone)
+    shutil.rmtree(gone_eval)
+    run(ray_cfg, tmp_path / "ray")
+    assert (gone / "model.safetensors").read_bytes() == weights[models[3]]
+    assert (gone_eval / "metrics.json").read_bytes() == metrics
+    after = stamps("models", "model.safetensors"), stamps("eval", "metrics.json")
+    assert [n for n in models if after[0][n] != before[0][n]] == [models[3]]  # the one model, not its evaluation
+    assert [n for n in models if after[1][n] != before[1][n]] == [models[5]]
+    with pytest.raises(ValueError, match="training.cpus_per_modle"):
+        load_experiment(micro_yaml, ["training.cpus_per_modle=2"], base_dir=root)
 
 
 # -----------------------------------------------------------------------------
