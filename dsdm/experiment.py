@@ -157,12 +157,13 @@ class EvalSpec:
 
 @dataclass
 class TrainingExecutorConfig:
-    """Where the evaluation models train: how, never what (no part of any stage's key; docs/runner.md "Training the
-    evaluation models in parallel")."""
+    """Where the evaluation models train and are evaluated: how, never what (no part of any stage's key;
+    docs/runner.md "Training the evaluation models in parallel")."""
 
     executor: str = "local"
-    """local (one model after another in this process, torch's default threads) | ray (every model that is not
-    done yet as its own Ray task, as many at once as the cluster has room for; then the evaluations, here)."""
+    """local (one cell after another in this process, torch's default threads) | ray (every cell whose model or
+    evaluation is not done as its own Ray task that trains, then evaluates; as many at once as the cluster has
+    room for)."""
     ray_address: str | None = None
     """executor=ray: None starts a local Ray cluster; 'auto' joins the cluster this machine is in (`ray start`);
     'ray://HOST:PORT' a remote head."""
@@ -212,8 +213,8 @@ class ExperimentConfig:
     """Evaluation-model training settings (dsdm.train.TrainConfig: preset, lr, batch size, ...). The token budget
     and epochs are set per cell by the runner."""
     training: TrainingExecutorConfig = field(default_factory=TrainingExecutorConfig)
-    """Where the evaluation models train (executor, ray_address, cpus_per_model, gpus_per_model); absent = here,
-    one after another. Not part of any stage's key."""
+    """Where the evaluation models train and are evaluated (executor, ray_address, cpus_per_model,
+    gpus_per_model); absent = here, one after another. Not part of any stage's key."""
     eval: EvalSpec = field(default_factory=EvalSpec)
     """Evaluation settings."""
     report: ReportSpec = field(default_factory=ReportSpec)

@@ -31,6 +31,8 @@ DEMO_HELP = """\
 The demo: configs/demo.yaml on the embedded data in data/demo/ (made by `dsdm data build-demo`).
 Sized to finish in about 10 minutes on 2 CPU cores; prints the comparison table and the report's path.
 Writes the same run directory as `dsdm experiment` under --out (default runs/demo).
+Its evaluation models train as Ray tasks on a local Ray cluster, two at once on 2 cores (`training: {executor:
+ray}`, needs `pip install 'dsdm[ray]'`, which `make demo` installs); without Ray: --set training.executor=local.
 """
 
 REPORT_HELP = """\
