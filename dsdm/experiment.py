@@ -454,19 +454,24 @@ def stale_message(out: Path, stale: list[tuple[str, list[str]]]) -> str:
     )
 
 
+def needs_run(out: Path, st: Stage, keys: dict[str, str], force: bool) -> tuple[bool, bool]:
+    """(whether `st` must run, whether that replaces an out-of-date result). Its record matching its key: no run;
+    a record of other settings: refused with StaleRun unless `force`."""
+    run = ((read_record(out / st.name) or {}).get("run")) or {}
+    if run.get("key") == keys[st.name]:
+        return False, False
+    if run and not force:
+        raise StaleRun(stale_message(out, preflight(out, [st], keys)))
+    return True, bool(run)
+
+
 def run_stage(out: Path, st: Stage, keys: dict[str, str], force: bool) -> bool:
     """Run `st` unless its record matches its key; returns True if it ran. The record's `run` entry is written last."""
-
-    record = read_record(out / st.name)
-    run = (record or {}).get("run") or {}
-    if run.get("key") == keys[st.name]:
-        return False
-    stale = bool(run)
-    if stale and not force:
-        raise StaleRun(stale_message(out, preflight(out, [st], keys)))
-    st.work(stale)
-    write_run_record(out, st, keys)
-    return True
+    needed, stale = needs_run(out, st, keys, force)
+    if needed:
+        st.work(stale)
+        write_run_record(out, st, keys)
+    return needed
 
 
 def write_run_record(out: Path, st: Stage, keys: dict[str, str]) -> None:
@@ -492,18 +497,9 @@ def run_cells_on_ray(ctx: Context, cells: list[tuple[Stage, Stage]], keys: dict[
     so a re-run does not train it again."""
     from dsdm.shards import plan_shards, run_shards
 
-    def todo(st: Stage) -> tuple[bool, bool]:
-        """(needs running, replaces an out-of-date result)"""
-        run = (read_record(ctx.out / st.name) or {}).get("run") or {}
-        if run.get("key") == keys[st.name]:
-            return False, False
-        if run and not force:
-            raise StaleRun(stale_message(ctx.out, preflight(ctx.out, [st], keys)))
-        return True, bool(run)
-
     jobs, done = [], []
     for model, ev in cells:
-        (train, redo_model), (evaluate, redo_eval) = todo(model), todo(ev)
+        (train, redo_model), (evaluate, redo_eval) = (needs_run(ctx.out, st, keys, force) for st in (model, ev))
         if train or evaluate:  # as run_stage would: an evaluation whose record matches its key is kept
             jobs.append(
                 {
