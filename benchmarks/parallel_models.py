@@ -9,7 +9,8 @@ training tokens over that time, the ratio to local) and how far the arms' holdou
 float rounding, not the recipe).
 
 Run alone on the machine (the arms are timed; anything else on the cores distorts them):
-    .venv/bin/python benchmarks/parallel_models.py runs/regime/demo --out runs/parallel-models
+    .venv/bin/dsdm demo --out runs/demo --set training.executor=local      # or any finished run
+    .venv/bin/python benchmarks/parallel_models.py runs/demo --out runs/parallel-models
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         run(cfg, dst)
         seconds = time.perf_counter() - started
-        cells = plan_cells(cfg, Pool(dst / "pool").seq_len, len(Pool(dst / "pool")))
+        pool = Pool(dst / "pool")
+        cells = plan_cells(cfg, pool.seq_len, len(pool))
         tokens = sum(c.tokens for c in cells)
         rows.append((arm, len(cells), tokens, seconds))
         key = results.KEY_COLUMNS + ["eval_task"]

@@ -691,7 +691,7 @@ class Context:
     # -- evaluation models -------------------------------------------------------------------------------------------
 
     def train_model(self, name: str, sel: str, cell: Cell, redo: bool) -> None:
-        train_model_job(self.model_job(name, sel, cell, redo))
+        train_model_job(self.model_job(name, sel, cell, redo), self.pool)
 
     def model_job(self, name: str, sel: str, cell: Cell, redo: bool) -> dict:
         """What training one evaluation model needs, as paths and plain settings: it runs here or in a Ray task."""
@@ -707,7 +707,7 @@ class Context:
         }
 
     def evaluate(self, name: str, model_stage: str, cell: Cell, redo: bool) -> None:
-        evaluate_job(self.eval_job(name, model_stage, cell, redo), [self.tasks[s] for s in self.eval_specs])
+        evaluate_job(self.eval_job(name, model_stage, cell, redo), [self.tasks[s] for s in self.eval_specs], self.pool)
 
     def eval_job(self, name: str, model_stage: str, cell: Cell, redo: bool) -> dict:
         """What evaluating one model needs, as paths and plain settings: it runs here or in a Ray task."""
@@ -724,21 +724,23 @@ class Context:
         }
 
 
-def train_model_job(job: dict) -> None:
-    """Train one evaluation model from Context.model_job's description (opens the pool and the selection itself)."""
+def train_model_job(job: dict, pool: Pool | None = None) -> None:
+    """Train one evaluation model from Context.model_job's description. `pool`: the job's pool already open (None:
+    open it from the job's path, as a Ray task does)."""
     indices, _ = selections.read(job["selection"])
     tcfg = from_dict(TrainConfig, job["train"], prefix="eval_model.")
-    train(Pool(job["pool"]), indices, tcfg, job["out"], force=job["redo"])
+    train(pool or Pool(job["pool"]), indices, tcfg, job["out"], force=job["redo"])
 
 
-def evaluate_job(job: dict, tasks: list | None = None) -> None:
+def evaluate_job(job: dict, tasks: list | None = None, pool: Pool | None = None) -> None:
     """Evaluate one model on every eval task's holdout (Context.eval_job's description) -> metrics.json + record.
-    `tasks`: the loaded eval tasks in the job's order (None: load them from the job's specs)."""
+    `tasks`, `pool`: the eval tasks (in the job's order) and the pool already loaded (None: load them from the job's
+    paths, as a Ray task does)."""
     started, d = time.time(), clean_dir(Path(job["out"]))
     tasks = tasks if tasks is not None else [load_task(spec) for spec in job["tasks"]]
     device, _ = resolve_device(job["device"])
     model = load_model(job["model"]).to(device)
-    tokenizer = Pool(job["pool"]).tokenizer
+    tokenizer = (pool or Pool(job["pool"])).tokenizer
     ecfg = from_dict(EvalSpec, job["eval"], prefix="eval.")
     metrics = {}
     for task in tasks:
