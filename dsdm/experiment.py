@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ from dsdm.proxies import run as proxies_run
 from dsdm.references import ngram_references
 from dsdm.report import ReportSpec, render
 from dsdm.results import UNTARGETED_NAME
-from dsdm.tasks import load_task, resolve_spec
+from dsdm.tasks import load_task, parse_spec, resolve_spec
 from dsdm.train import TrainConfig, train
 
 ALL_METHODS = tuple(METHODS)
@@ -814,6 +815,31 @@ def check_stage_configs(cfg: ExperimentConfig) -> None:
         _stage_cfg(PoolBuildConfig, cfg.pool.build, "pool.build")
 
 
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Refuse, before any work, a config whose input files are missing, naming each with its config key. A path in a
+    data build's layout (ROOT/tasks/NAME, ROOT/docs/FILES) gets the command that makes it: the shipped repro configs
+    read `dsdm data build-demo --out runs/data-full`, which is not committed."""
+    missing = []
+    if cfg.pool.path and not Path(cfg.pool.path).exists():
+        missing.append(("pool.path", cfg.pool.path))
+    for spec in cfg.pool.inputs:
+        if not (glob.glob(spec, recursive=True) if glob.has_magic(spec) else Path(spec).exists()):
+            missing.append(("pool.inputs", spec))
+    specs = [(f"targets.{t.name}.tasks", spec) for t in cfg.targets for spec in t.tasks]
+    for key, spec in specs + [("unseen", spec) for spec in cfg.unseen]:
+        missing += [(key, p) for p in parse_spec(spec)[1] if not Path(p).exists()]
+    if not missing:
+        return
+    roots = sorted({str(Path(p).parent.parent) for _, p in missing if Path(p).parent.name in ("tasks", "docs")})
+    listed = ", ".join(f"{key}: {path}" for key, path in missing[:3])
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    fix = " and ".join(f"`dsdm data build-demo --out {root}`" for root in roots)
+    raise FileNotFoundError(
+        f"{len(missing)} input(s) of the config not found ({listed}{more}); "
+        + (f"they are a data build's folders: make them with {fix}" if roots else "fix the paths")
+    )
+
+
 def check_selection_sizes(cfg: ExperimentConfig, cells: list[Cell], n: int) -> None:
     """Refuse, before any work, a cell whose k its method cannot select from n pool examples (a method's optional
     max_k(n), e.g. SemDeDup's kept fraction); found otherwise only at that cell's selection, after the pool-sized
@@ -883,6 +909,7 @@ def run(cfg: ExperimentConfig, out: str | Path, force: bool = False) -> Path:
 
     out = Path(out)
     check_stage_configs(cfg)
+    check_inputs(cfg)
     check_requirements(requirements(cfg), "dsdm experiment")
     ctx = Context(cfg, out)  # loads and validates every task
     cells, stages, keys = plan(ctx)

@@ -190,3 +190,25 @@ def test_task_specs_resolve_against_the_base_keeping_a_name_prefix(tmp_path):
     cfg = resolve_paths(cfg, tmp_path)
     assert cfg.targets[0].tasks == [f"name=qa:{tmp_path}/t/qa.t.jsonl,{tmp_path}/t/qa.h.jsonl", "/abs/task"]
     assert cfg.unseen == [str(tmp_path / "u")] and cfg.pool.path == str(tmp_path / "p")
+
+
+def test_missing_inputs_are_named_with_the_command_that_makes_them(tmp_path):
+    """A repro config run before `dsdm data build-demo` used to fail on the first task with 'task file not found',
+    naming neither the config key nor the fix."""
+    from dsdm.experiment import run
+
+    data = tmp_path / "data-full"
+    (data / "tasks" / "present").mkdir(parents=True)
+    cfg = _cfg(
+        pool={"inputs": [f"{data}/docs/*.parquet"]},
+        targets=[{"name": "qa", "tasks": [f"{data}/tasks/qa", f"{data}/tasks/present"]}],
+        unseen=[f"{data}/tasks/other"],
+    )
+    with pytest.raises(FileNotFoundError) as err:
+        run(cfg, tmp_path / "run")
+    msg = str(err.value)
+    assert msg.startswith("3 input(s) of the config not found")
+    assert f"pool.inputs: {data}/docs/*.parquet" in msg and f"targets.qa.tasks: {data}/tasks/qa" in msg
+    assert f"unseen: {data}/tasks/other" in msg and "present" not in msg
+    assert msg.endswith(f"make them with `dsdm data build-demo --out {data}`")
+    assert not (tmp_path / "run").exists()  # refused before any work
