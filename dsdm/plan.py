@@ -61,17 +61,14 @@ DENSE_IID_S = (62.25 - 1.20) / (5.29e6 * 4096)  # s per batch per p x k
 DENSE_SRHT_S = (2.60 - 1.20) / 16 / (2**23 * 23)  # s per example per p_pad log2(p_pad)
 # Stage records of two measured runs (docs/benchmarks.md "`dsdm plan` against measured runs"; 2026-11-29, 2 quiet
 # cores, nano proxies and models, V = 512, T = 128): the demo (20,348 pool examples) and the repro
-# (docs/results/repro-cpu/, 125,876), each taken relative to the cost model above.
-DEMO_SCORE = (18.477, 4 * 2419)  # scores/dsdm: s; proxy x target examples of the mix's 3 tasks (short examples)
+# at T = 3.77M tokens (125,876), each taken relative to the cost model above.
+DEMO_SCORE = (18.477, 4 * 2419)  # scores/dsdm: s; proxy x target examples of the mix's 3 tasks
 DEMO_EVAL = (4.475, 1743)  # eval/*: s per model (mean of 16); holdout examples per model (6 tasks, <= 300 each)
 # scores/<method>_<target>: s for one target (SemDeDup: its one untargeted run) at (demo, repro) pool tokens. A fixed
 # part (loading, the target's side, k-means set-up) and a per-pool-token part, solved through the two runs: one
 # per-token rate from the demo alone over-planned the repro's baselines 2.6x.
 BASELINE_RUNS = ((20348 * 128, 125876 * 128), {"semdedup": (28.979, 59.763), "dsir": (2.348, 11.890),
                                                "classifier": (4.723, 8.661)})  # fmt: skip
-# docs/benchmarks.md "Evaluation models in parallel": the demo's 16 cells (train + evaluate) as Ray tasks of 1 thread,
-# two at once, took 291.0 s against 385.5 s with the local executor (one model after another at 2 threads).
-RAY_CELLS_RATIO = 291.0 / 385.5
 # Pool build, tokens/s: V = 512 on the demo documents (the demo's pool record, 2.60M tokens in 5.13 s) and V = 8,192
 # on 200 MB of pseudo-words (docs/benchmarks.md "Pool build", 1 worker); log-linear in V between them.
 TOKENIZE_PER_S = {512: 2_604_544 / 5.131, 8192: 267_653}
@@ -267,7 +264,7 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
                 f"lower featurize.proj_dim (now {dim})"
             )
         # one pass over each store for all targets (datamodel.score_targets), after each distinct target task's
-        # examples went through every proxy (short examples: score_fraction of a pool example each)
+        # examples went through every proxy (score_fraction of a pool example each: 1.2 on the demo, fixed cost in it)
         tasks = list(dict.fromkeys(s for t in cfg.targets for s in t.tasks))
         targets = sum(task_rows(s, "target", 1000) for s in tasks)
         read = members * N * dim * b
@@ -292,15 +289,16 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
     flops = (body + head) * tokens
     selections = {c.selection: c.k for c in cells}  # int64 indices, selection.json, record
     disk = len(cells) * _model_dir(Pe, vocab) + sum(_files(8 * k + 128) + 2 * BLOCK for k in selections.values())
-    # the Ray executor's measured gain on the 2 cores; other cpus_per_model (or a cluster) are planned as local
-    cells_s = RAY_CELLS_RATIO if cfg.training.executor == "ray" and cfg.training.cpus_per_model == 1 else 1.0
-    cpu_s = tokens * _train_s(m, ecfg.preset, vocab, L) * cells_s
+    # planned as local whatever training.executor says: two 1-thread Ray tasks on the 2 cores took 0.755 of the local
+    # time on the demo's short cells but about the same time on the repro's long ones (docs/benchmarks.md "`dsdm plan`
+    # against measured runs")
+    cpu_s = tokens * _train_s(m, ecfg.preset, vocab, L)
     out.append(StagePlan("models", flops, seconds(flops, cpu_s), disk, BASE_RSS + 16 * Pe, 16 * Pe * bool(gpu_mem)))
     specs = list(dict.fromkeys([s for t in cfg.targets for s in t.tasks] + list(cfg.unseen)))
     cap = cfg.eval.max_examples or None
     examples = sum(min(cap or math.inf, task_rows(s, "holdout", cap or 1000)) for s in specs)
     flops = len(cells) * examples * m["eval_tokens"] * (body + head)
-    cpu_s = len(cells) * examples * m["eval_tokens"] * _train_s(m, ecfg.preset, vocab, L) * cells_s
+    cpu_s = len(cells) * examples * m["eval_tokens"] * _train_s(m, ecfg.preset, vocab, L)
     disk = len(cells) * (_files(512 + 16 * examples) + BLOCK)  # metrics.json, record
     out.append(StagePlan("eval", flops, seconds(flops, cpu_s), disk, BASE_RSS + 4 * Pe, 4 * Pe * bool(gpu_mem)))
     if unread:

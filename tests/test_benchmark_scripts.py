@@ -14,7 +14,7 @@ def _load(name: str):
 
 
 def test_subtask_groups_sort_with_numbers_and_words_in_one_field():
-    # A run's random models with a hand-trained one beside them (docs/results/repro-cpu/, the 16x diagnostic): the
+    # A run's random models with a hand-trained one beside them (the T repro's 16x diagnostic): the
     # plain digit/word key raised TypeError comparing 16x with 29440.
     names = ["random_untargeted_117760_e1", "random_untargeted_16x", "random_untargeted_29440_e1", "dsdm_mix_7360_e4"]
     order = sorted(names, key=_load("subtask_losses").group_order)
