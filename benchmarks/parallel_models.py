@@ -56,7 +56,7 @@ def main(argv=None) -> None:
         run(cfg, dst)
         seconds = time.perf_counter() - started
         pool = Pool(dst / "pool")
-        cells = plan_cells(cfg, pool.seq_len, len(pool))
+        cells = plan_cells(cfg, pool.seq_len, len(pool), pool.vocab_size)
         tokens = sum(c.tokens for c in cells)
         rows.append((arm, len(cells), tokens, seconds))
         key = results.KEY_COLUMNS + ["eval_task"]

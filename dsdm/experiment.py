@@ -9,7 +9,7 @@ Protocol (docs/method.md §6.2, §9.2 step 5). Every evaluation model sees the s
 - untargeted methods (random, semdedup) select k = T / L and train one epoch;
 - `budget.ks` adds explicit selection sizes per target for the "loss vs k" plot (epochs = T / (k L), fractional
   allowed);
-- random data at `budget.compute_multipliers` x T tokens gives the compute curve; the report reads each method's
+- random data at `budget.compute_multipliers` x the 1x compute gives the compute curve; the report reads each method's
   holdout loss on that curve as an "equivalent x compute" (log-linear interpolation, dsdm.report.equivalent_compute).
 L is the pool's sequence length. The compute-heavy stages (pool, proxies, features, DsDm scores) run once per run dir
 and are shared by every target, method, k and seed.
@@ -73,7 +73,7 @@ from dsdm.io import (
     sha256_text,
     write_json,
 )
-from dsdm.model import PRESETS, load_model
+from dsdm.model import PRESETS, flops_per_token, load_model, width_for_flops
 from dsdm.pool import Pool
 from dsdm.proxies import ProxiesConfig
 from dsdm.proxies import run as proxies_run
@@ -121,6 +121,9 @@ class TargetSpec:
             raise ValueError(f"targets[{self.name}].tasks must list at least one task")
 
 
+COMPUTE_SCALINGS = ("tokens", "balanced")
+
+
 @dataclass
 class BudgetConfig:
     tokens: int = 0
@@ -132,7 +135,13 @@ class BudgetConfig:
     ks: dict[str, list[int]] = field(default_factory=dict)
     """Extra selection sizes per target name (for loss vs k); each trained at budget T, epochs = T / (k L)."""
     compute_multipliers: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    """Random-data models at these multiples of T: the compute curve. Must include 1 (the random baseline)."""
+    """Random-data models at these multiples of the 1x model's training compute: the compute curve. Must include 1
+    (the random baseline)."""
+    compute_scaling: str = "tokens"
+    """How a random-data model gets c x the compute (docs/experiments.md "The compute curve"): tokens (the
+    evaluation model's shape on c x T tokens) | balanced (FLOPs per token and tokens each grow by sqrt(c): a wider
+    model of the same depth on ~sqrt(c) x T tokens, total training FLOPs c x the 1x model's, as the paper's
+    larger random-data baselines are)."""
 
     def __post_init__(self):
         if self.tokens <= 0:
@@ -142,6 +151,10 @@ class BudgetConfig:
         if 1.0 not in [float(m) for m in self.compute_multipliers] or min(self.compute_multipliers) <= 0:
             raise ValueError(
                 f"budget.compute_multipliers must be positive and include 1, got {self.compute_multipliers}"
+            )
+        if self.compute_scaling not in COMPUTE_SCALINGS:
+            raise ValueError(
+                f"budget.compute_scaling must be one of {', '.join(COMPUTE_SCALINGS)}, got {self.compute_scaling!r}"
             )
         for t, ks in self.ks.items():
             if not all(isinstance(k, int) and k > 0 for k in ks):
@@ -278,6 +291,10 @@ class Cell:
     epochs: float
     seed: int
     tokens: int
+    d_model: int = 0
+    """The model's width when not the evaluation model's own (0): the balanced compute curve's wider models."""
+    compute: float = 1.0
+    """Training FLOPs / those of the 1x model (the evaluation model's shape on T tokens): the curve's multiplier."""
 
     @property
     def selection(self) -> str:
@@ -285,14 +302,18 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.method}_{self.target}_{self.k}_e{self.epochs:g}_s{self.seed}"
+        width = f"_d{self.d_model}" if self.d_model else ""
+        return f"{self.method}_{self.target}_{self.k}_e{self.epochs:g}{width}_s{self.seed}"
 
 
-def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int) -> list[Cell]:
-    """Every cell of the experiment, deduplicated, in a stable order (cheap untargeted cells first)."""
+def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int, vocab_size: int = 0) -> list[Cell]:
+    """Every cell of the experiment, deduplicated, in a stable order (cheap untargeted cells first). vocab_size: the
+    pool's, needed by budget.compute_scaling balanced (the LM head is part of a model's FLOPs per token)."""
     T, L = cfg.budget.tokens, seq_len
+    if cfg.budget.compute_scaling == "balanced" and vocab_size < 1:
+        raise ValueError("plan_cells: budget.compute_scaling balanced needs the pool's vocab_size")
 
-    def cell(target, method, k, seed, tokens=T) -> Cell:
+    def cell(target, method, k, seed, tokens=T, d_model=0, compute=1.0) -> Cell:
         if k < 1:
             raise ValueError(f"budget.tokens={T} gives k={k} < 1 for {method}/{target}; raise budget.tokens")
         if k > pool_size:
@@ -300,7 +321,18 @@ def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int) -> list[Cell
                 f"{method}/{target}: k={k} exceeds the pool ({pool_size} examples); lower budget.tokens or "
                 "budget.compute_multipliers, or use a bigger pool"
             )
-        return Cell(target, method, int(k), round(tokens / (k * L), 3), seed, int(tokens))
+        return Cell(target, method, int(k), round(tokens / (k * L), 3), seed, int(tokens), d_model, compute)
+
+    def curve_point(multiplier: float) -> tuple[int, int]:
+        """(tokens, d_model; 0 = the preset's) of the random-data model at `multiplier` x the 1x compute."""
+        if cfg.budget.compute_scaling == "tokens" or multiplier == 1:
+            return int(round(multiplier * T)), 0
+        preset, vocab = cfg.eval_model.get("preset", "nano"), vocab_size
+        width = width_for_flops(preset, vocab, L, multiplier**0.5)
+        n_layer, _, d0 = PRESETS[preset]
+        per_token = [sum(flops_per_token(n_layer, d, vocab, L)) for d in (d0, width)]
+        examples = round(multiplier * T * per_token[0] / per_token[1] / L)  # whole examples: one epoch of k
+        return examples * L, (0 if width == d0 else width)
 
     cells: list[Cell] = []
     untargeted = sorted(
@@ -309,10 +341,11 @@ def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int) -> list[Cell
     )
     for seed in cfg.seeds:
         for method in untargeted:
-            if METHODS[method].reference:  # the compute curve: c x T tokens of its data, one epoch
+            if METHODS[method].reference:  # the compute curve: c x the 1x compute, one epoch of its data
                 for m in sorted(float(x) for x in cfg.budget.compute_multipliers):
-                    tokens = int(round(m * T))
-                    cells.append(cell(UNTARGETED_NAME, method, min(pool_size, tokens // L), seed, tokens))
+                    tokens, d_model = curve_point(m)
+                    k = min(pool_size, tokens // L)
+                    cells.append(cell(UNTARGETED_NAME, method, k, seed, tokens, d_model, m))
             else:
                 cells.append(cell(UNTARGETED_NAME, method, T // L, seed))
         for t in cfg.targets:
@@ -416,6 +449,8 @@ def plan_stages(cfg: ExperimentConfig, ctx: "Context", cells: list[Cell]) -> lis
             stages.append(Stage(sel, slice_, pool_input + scores, functools.partial(ctx.select, sel, cell)))
         model = f"models/{cell.name}"
         slice_ = {"eval_model": _train_recipe(cfg), "tokens": cell.tokens, "seed": cell.seed}
+        if cell.d_model:  # only the balanced curve's wider models: every other model's key is as before
+            slice_["d_model"] = cell.d_model
         work, job = (functools.partial(f, model, sel, cell) for f in (ctx.train_model, ctx.model_job))
         stages.append(Stage(model, slice_, pool_input + [sel], work, job))
         ev = f"eval/{cell.name}"
@@ -699,6 +734,7 @@ class Context:
         tcfg = _stage_cfg(
             TrainConfig, self.cfg.eval_model, "eval_model", seed=cell.seed, device=self.cfg.device, tokens=cell.tokens
         )
+        tcfg.d_model = cell.d_model
         return {  # absolute: a Ray worker's working directory is not this one
             "pool": str(self.pool_dir.resolve()),
             "selection": str((self.out / sel).resolve()),
@@ -871,7 +907,7 @@ def plan(ctx: Context) -> tuple[list[Cell] | None, list[Stage], dict[str, str]]:
         keys["pool"] = stage_key(pool_stage, keys)
         if ((read_record(out / "pool") or {}).get("run") or {}).get("key") != keys["pool"]:
             return None, [pool_stage], keys
-    cells = plan_cells(cfg, ctx.pool.seq_len, len(ctx.pool))
+    cells = plan_cells(cfg, ctx.pool.seq_len, len(ctx.pool), ctx.pool.vocab_size)
     check_selection_sizes(cfg, cells, len(ctx.pool))
     stages = plan_stages(cfg, ctx, cells)
     for st in stages:

@@ -175,6 +175,32 @@ def build_model(preset: str, vocab_size: int, seq_len: int, seed: int = 0, **ove
     return init_weights(GPT(GPTConfig(vocab_size=vocab_size, seq_len=seq_len, **shape)), seed)
 
 
+def flops_per_token(n_layer: int, d: int, vocab: int, seq_len: int) -> tuple[float, float]:
+    """Training FLOPs per token, forward + backward (Kaplan et al. 2020's 6N + attention): (body, LM head)."""
+    return 6.0 * (12 * n_layer * d * d + n_layer * seq_len * d), 6.0 * vocab * d
+
+
+def width_for_flops(preset: str, vocab: int, seq_len: int, factor: float) -> int:
+    """The d_model (a multiple of the preset's n_head) whose training FLOPs per token are closest, in ratio, to
+    `factor` x the preset's: how the compute curve grows its model (docs/experiments.md "The compute curve").
+    Depth and heads stay the preset's; factor 1 gives the preset's own width."""
+    n_layer, n_head, d0 = PRESETS[preset]
+    if factor <= 0:
+        raise ValueError(f"FLOPs factor must be positive, got {factor}")
+
+    def per_token(d: int) -> float:
+        return sum(flops_per_token(n_layer, d, vocab, seq_len))
+
+    target = factor * per_token(d0)
+    # per_token grows with d: walk up from the smallest width to the first at or above the target, then take the
+    # nearer (in log ratio) of it and the one below
+    d = n_head
+    while per_token(d) < target:
+        d += n_head
+    below = max(n_head, d - n_head)
+    return min((below, d), key=lambda w: abs(math.log(per_token(w) / target)))
+
+
 def num_params(model: nn.Module) -> int:
     """Distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

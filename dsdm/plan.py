@@ -109,13 +109,10 @@ def _shape(preset: str, vocab: int, seq_len: int, d_model: int = 0) -> tuple[int
     return model.config.n_layer, model.config.d_model, num_params(model)
 
 
-def flops_per_token(n_layer: int, d: int, vocab: int, seq_len: int) -> tuple[float, float]:
-    """Training FLOPs per token, forward + backward (Kaplan et al. 2020's 6N + attention): (body, LM head)."""
-    return 6.0 * (12 * n_layer * d * d + n_layer * seq_len * d), 6.0 * vocab * d
-
-
 def _train_s(m: dict, preset: str, vocab: int, seq_len: int, d_model: int = 0) -> float:
     """CPU seconds per training token under the cost model m."""
+    from dsdm.model import flops_per_token
+
     body, head = flops_per_token(*_shape(preset, vocab, seq_len, d_model)[:2], vocab, seq_len)
     return m["overhead"] + body / m["body_rate"] + head / m["head_rate"]
 
@@ -135,6 +132,8 @@ def _feat_s(m: dict, preset: str, vocab: int, seq_len: int, d_model: int = 0, fc
 @functools.cache
 def cpu_model() -> dict:
     """The CPU cost model's constants, fitted and solved from the measured rows above (see the module docstring)."""
+    from dsdm.model import flops_per_token
+
     rows, y = [], []
     for preset, over, vocab, seq_len, rate in CPU_TRAIN_MEASURED:
         body, head = flops_per_token(*_shape(preset, vocab, seq_len, **over)[:2], vocab, seq_len)
@@ -204,6 +203,7 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
     from dsdm.config import from_dict
     from dsdm.experiment import plan_cells
     from dsdm.featurize import FeaturizeConfig
+    from dsdm.model import flops_per_token
     from dsdm.proxies import ProxiesConfig
     from dsdm.train import TrainConfig, num_steps
 
@@ -282,23 +282,26 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
     ecfg = from_dict(
         TrainConfig, {k: v for k, v in cfg.eval_model.items() if k not in ("seed", "tokens")}, "eval_model."
     )
-    n_layer, d, Pe = _shape(ecfg.preset, vocab, L)
-    body, head = flops_per_token(n_layer, d, vocab, L)
-    cells = plan_cells(cfg, L, N)
-    tokens = sum(math.ceil(c.tokens / (ecfg.batch_size * L)) * ecfg.batch_size * L for c in cells)
-    flops = (body + head) * tokens
+    cells = plan_cells(cfg, L, N, vocab)
+    # a cell's width: the preset's, or the compute curve's wider model (budget.compute_scaling: balanced)
+    shapes = {c: _shape(ecfg.preset, vocab, L, c.d_model) for c in cells}
+    per_token = {c: sum(flops_per_token(n_layer, d, vocab, L)) for c, (n_layer, d, _) in shapes.items()}
+    Pe = max(p for _, _, p in shapes.values())
+    steps_tokens = {c: math.ceil(c.tokens / (ecfg.batch_size * L)) * ecfg.batch_size * L for c in cells}
+    flops = sum(per_token[c] * steps_tokens[c] for c in cells)
     selections = {c.selection: c.k for c in cells}  # int64 indices, selection.json, record
-    disk = len(cells) * _model_dir(Pe, vocab) + sum(_files(8 * k + 128) + 2 * BLOCK for k in selections.values())
+    disk = sum(_model_dir(shapes[c][2], vocab) for c in cells)
+    disk += sum(_files(8 * k + 128) + 2 * BLOCK for k in selections.values())
     # planned as local whatever training.executor says: two 1-thread Ray tasks on the 2 cores took 0.755 of the local
     # time on the demo's short cells but about the same time on the repro's long ones (docs/benchmarks.md "`dsdm plan`
     # against measured runs")
-    cpu_s = tokens * _train_s(m, ecfg.preset, vocab, L)
+    cpu_s = sum(steps_tokens[c] * _train_s(m, ecfg.preset, vocab, L, c.d_model) for c in cells)
     out.append(StagePlan("models", flops, seconds(flops, cpu_s), disk, BASE_RSS + 16 * Pe, 16 * Pe * bool(gpu_mem)))
     specs = list(dict.fromkeys([s for t in cfg.targets for s in t.tasks] + list(cfg.unseen)))
     cap = cfg.eval.max_examples or None
     examples = sum(min(cap or math.inf, task_rows(s, "holdout", cap or 1000)) for s in specs)
-    flops = len(cells) * examples * m["eval_tokens"] * (body + head)
-    cpu_s = len(cells) * examples * m["eval_tokens"] * _train_s(m, ecfg.preset, vocab, L)
+    flops = sum(examples * m["eval_tokens"] * per_token[c] for c in cells)
+    cpu_s = sum(examples * m["eval_tokens"] * _train_s(m, ecfg.preset, vocab, L, c.d_model) for c in cells)
     disk = len(cells) * (_files(512 + 16 * examples) + BLOCK)  # metrics.json, record
     out.append(StagePlan("eval", flops, seconds(flops, cpu_s), disk, BASE_RSS + 4 * Pe, 4 * Pe * bool(gpu_mem)))
     if unread:

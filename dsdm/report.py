@@ -4,10 +4,10 @@ What it shows (docs/method.md §7, §9.2 steps 6-9):
 - the comparison table: method x eval task, holdout loss (mean per-token NLL of the continuation) mean ± s.d. over
   seeds, at the protocol's main cell (targeted: `budget.epochs` epochs; untargeted: 1x compute);
 - methods side by side with error bars over seeds, per target; holdout loss vs k per target;
-- the compute curve (random data at 1x, 2x, 4x, ... the token budget) and each method's equivalent x compute:
-  the multiplier c at which the random curve reaches the method's loss, by linear interpolation of log2(c) against
-  loss between the two bracketing curve points; outside the curve the end segment is extended and the value is
-  flagged as an extrapolation (">" / "<" in the tables);
+- the compute curve (random data at 1x, 2x, 4x, ... the 1x model's training compute, budget.compute_scaling) and
+  each method's equivalent x compute: the multiplier c at which the random curve reaches the method's loss, by
+  linear interpolation of log2(c) against loss between the two bracketing curve points; outside the curve the end
+  segment is extended and the value is flagged as an extrapolation (">" / "<" in the tables);
 - per-source composition of each selection (stacked bars), score histograms per method, and the case study: the top-
   and bottom-ranked pool documents of each method (decoded snippets with their source).
 
@@ -115,12 +115,17 @@ def compute_curve(rows: list[dict], tasks: list[str]) -> list[tuple[float, float
     """Random-data curve: [(multiplier, mean loss over tasks and seeds, s.d. over seeds)], sorted by multiplier."""
     T = budget_of(rows)
     rand = [r for r in rows if r["method"] == REFERENCE and r["target"] == UNTARGETED_NAME]
+
+    def multiplier(r: dict) -> float:  # results.csv's compute column; runs from before it: tokens / T
+        c = r.get("compute", math.nan)
+        return round(float(c), 6) if c is not None and not math.isnan(c) else r["tokens"] / T
+
     out = []
-    for tokens in sorted({r["tokens"] for r in rand}):
-        per_seed = seed_means([r for r in rand if r["tokens"] == tokens], tasks).get((UNTARGETED_NAME, REFERENCE), [])
+    for c in sorted({multiplier(r) for r in rand}):
+        per_seed = seed_means([r for r in rand if multiplier(r) == c], tasks).get((UNTARGETED_NAME, REFERENCE), [])
         if per_seed:
             m, sd, _ = mean_sd(per_seed)
-            out.append((tokens / T, m, sd))
+            out.append((c, m, sd))
     return out
 
 
@@ -345,7 +350,7 @@ def fig_compute(rows, groups, path, refs=None) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, g in zip(axes[0], panels):
         c, mu, sd = zip(*curves[g])
-        ax.errorbar(c, mu, yerr=sd, marker="o", color="black", capsize=3, label="random, c x T tokens")
+        ax.errorbar(c, mu, yerr=sd, marker="o", color="black", capsize=3, label="random, c x the 1x compute")
         reference_lines(ax, refs, groups[g])
         sm = seed_means(main, groups[g])
         for i, ((t, m), v) in enumerate(sorted(sm.items())):
@@ -353,7 +358,7 @@ def fig_compute(rows, groups, path, refs=None) -> Path | None:
                 continue
             ax.axhline(mean_sd(v)[0], ls=":", color=f"C{i % 10}", label=f"{m} [{t}]")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("compute multiplier c (training tokens / T)")
+        ax.set_xlabel("compute multiplier c (training FLOPs / the 1x model's)")
         ax.set_ylabel("holdout loss")
         ax.set_title(f"{g}", fontsize=9)
         ax.legend(fontsize=6)

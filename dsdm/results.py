@@ -10,6 +10,9 @@ Columns:
     loss                                       mean per-token NLL of the continuation (nats)
     accuracy                                   greedy exact match of the whole continuation
     mc_accuracy, chance                        multiple-choice accuracy and its chance level (empty: no MC form)
+    d_model, compute                           the model's width (0: the configured evaluation model's) and its
+                                               training FLOPs / those of the 1x random-data model (the compute
+                                               curve's multiplier; empty in runs from before the columns existed)
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ from dsdm.io import atomic_path, read_json
 
 UNTARGETED_NAME = "untargeted"  # the `target` of cells whose selection does not depend on a target
 KEY_COLUMNS = ["target", "method", "k", "epochs", "seed", "tokens"]
-COLUMNS = KEY_COLUMNS + ["eval_task", "loss", "accuracy", "mc_accuracy", "chance"]
-OPTIONAL = ("mc_accuracy", "chance")  # absent from results.csv files written before they existed
-INTS = ("k", "seed", "tokens")
-FLOATS = ("epochs", "loss", "accuracy", "mc_accuracy", "chance")
+METRICS = ["loss", "accuracy", "mc_accuracy", "chance"]
+CELL_EXTRAS = {"d_model": 0, "compute": None}  # cell fields after the key, with their value in older records
+COLUMNS = KEY_COLUMNS + ["eval_task"] + METRICS + list(CELL_EXTRAS)
+OPTIONAL = ("mc_accuracy", "chance", *CELL_EXTRAS)  # absent from results.csv files written before they existed
+INTS = ("k", "seed", "tokens", "d_model")
+FLOATS = ("epochs", "loss", "accuracy", "mc_accuracy", "chance", "compute")
 
 
 def rows_of(metrics_record: dict) -> list[dict]:
     """The rows of one evaluation record ({"cell": {...}, "metrics": {task: {...}}})."""
     cell = metrics_record["cell"]
+    extras = {k: cell.get(k, default) for k, default in CELL_EXTRAS.items()}
     return [
-        {**{k: cell[k] for k in KEY_COLUMNS}, "eval_task": task, **{c: m.get(c) for c in COLUMNS[7:]}}
+        {**{k: cell[k] for k in KEY_COLUMNS}, "eval_task": task, **{c: m.get(c) for c in METRICS}, **extras}
         for task, m in metrics_record["metrics"].items()
     ]
 
@@ -68,7 +74,7 @@ def read(path: str | Path) -> list[dict]:
         raise ValueError(f"{path}: missing columns {missing}; is it a dsdm results.csv?")
     for r in rows:
         for k in INTS:
-            r[k] = int(r[k])
+            r[k] = int(r.get(k) or 0)  # only an optional column (d_model) can be absent or empty
         for k in FLOATS:
             v = r.get(k, "")
             r[k] = float(v) if v not in ("", "None", None) else math.nan

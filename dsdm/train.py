@@ -48,6 +48,9 @@ import torch.nn.functional as F
 class TrainConfig:
     preset: str = "nano"
     """Model shape from dsdm.model.PRESETS (micro, nano, tiny, mini, small, medium, gpt2-125m)."""
+    d_model: int = 0
+    """The model's width instead of the preset's (0 = the preset's; a multiple of its n_head): the wider models of
+    the balanced compute curve (dsdm.experiment BudgetConfig.compute_scaling)."""
     init_from: str = ""
     """Instead of a fresh preset: a model directory to continue training (dsdm or any local HF causal LM)."""
     tokens: int = 0
@@ -259,7 +262,8 @@ def _fresh_model(pool, cfg: TrainConfig):
         if isinstance(model, GPT) and model.config.seq_len < pool.seq_len:
             raise ValueError(f"{cfg.init_from}: seq_len {model.config.seq_len} < the pool's {pool.seq_len}")
         return model.train()
-    return build_model(cfg.preset, pool.vocab_size, pool.seq_len, cfg.seed).train()
+    width = {"d_model": cfg.d_model} if cfg.d_model else {}
+    return build_model(cfg.preset, pool.vocab_size, pool.seq_len, cfg.seed, **width).train()
 
 
 def _save_checkpoint(ckpt: Path, model, opt, step: int, meta: dict) -> None:
@@ -291,7 +295,7 @@ def train(pool, indices, cfg: TrainConfig, out_dir: str | Path, force: bool = Fa
         raise ValueError(f"training indices must lie in [0, {len(pool)}), got [{indices.min()}, {indices.max()}]")
     # These change speed or memory (and float rounding), not the recipe: they are left out of the completion key.
     recipe = {k: v for k, v in to_dict(cfg).items() if k not in SPEED_KEYS}
-    recipe = without_new_defaults(recipe, {"snapshots": []})  # added after models existed
+    recipe = without_new_defaults(recipe, {"snapshots": [], "d_model": 0})  # added after models existed
     key = {
         "train": recipe,
         "pool": pool.fingerprint,

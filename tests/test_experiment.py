@@ -54,6 +54,29 @@ def test_plan_follows_the_protocol():
     assert Cell("a", "dsdm", 8, 4.0, 0, 2048).name == "dsdm_a_8_e4_s0"
 
 
+def test_balanced_compute_curve_grows_width_and_tokens_by_root_c():
+    """budget.compute_scaling balanced (docs/experiments.md "The compute curve"): at 4x, nano at V = 512, T = 128 has
+    FLOPs per token 24 d^2 + 768 d (x 6), which doubles exactly at d = 96 (the root of d^2 + 32 d - 12288), so the
+    4x model is d = 96 on 2 T tokens; every other cell is the one the tokens rule plans."""
+    from dsdm.model import flops_per_token
+
+    budget = {"tokens": 128 * 1000, "epochs": 4, "compute_multipliers": [1, 2, 4]}
+    tokens_rule = plan_cells(_cfg(budget=budget, eval_model={"preset": "nano"}), 128, 10_000)
+    cfg = _cfg(budget={**budget, "compute_scaling": "balanced"}, eval_model={"preset": "nano"})
+    cells = plan_cells(cfg, 128, 10_000, vocab_size=512)
+    curve = {c.compute: c for c in cells if c.method == "random" and c.seed == 0}
+    assert (curve[4.0].d_model, curve[4.0].tokens, curve[4.0].k) == (96, 256_000, 2000)
+    assert curve[1.0].d_model == 0 and curve[1.0].tokens == 128_000 and curve[1.0].name == "random_untargeted_1000_e1_s0"
+    assert curve[4.0].name == "random_untargeted_2000_e1_d96_s0"
+    for c in curve.values():  # total training FLOPs are c x the 1x model's, within the rounding of the token count
+        per_token = sum(flops_per_token(2, c.d_model or 64, 512, 128)) / sum(flops_per_token(2, 64, 512, 128))
+        assert c.tokens * per_token == pytest.approx(c.compute * 128_000, abs=128 * per_token)  # whole examples
+        assert abs(np.log(per_token / c.compute**0.5)) < 0.02  # the width takes sqrt(c) of it, to the nearest even d
+    assert [c for c in cells if c.compute == 1] == [c for c in tokens_rule if c.compute == 1]
+    with pytest.raises(ValueError, match="vocab_size"):
+        plan_cells(cfg, 128, 10_000)
+
+
 def test_plan_refuses_selection_larger_than_the_pool():
     with pytest.raises(ValueError, match="exceeds the pool"):
         plan_cells(_cfg(), seq_len=64, pool_size=20)  # semdedup wants k = T / L = 32
@@ -181,6 +204,24 @@ def test_runner_end_to_end_and_rerun_skips(tmp_path, capsys):
     cell = next(c for c in cells if c.method == "dsdm" and c.target == "cooking")
     expected = np.sort(balanced_top_k(np.load(out / "scores" / "dsdm" / "cooking.npy"), sources, cell.k))
     assert np.load(out / "selections" / cell.selection / "indices.npy").tolist() == expected.tolist()
+
+    # the balanced compute curve: its 2x random models are new cells (a wider micro on fewer tokens); every other
+    # cell keeps its key and is not redone, and results.csv names each model's width and compute (the 2x models see
+    # a whole number of examples once)
+    from dsdm.model import load_model, width_for_flops
+
+    done = {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*/metrics.json")}
+    scaled = balanced[:2] + ["--set", "budget.compute_scaling=balanced"]
+    assert main(["experiment", str(resolved), "--out", str(out)] + scaled) == 0
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    width = width_for_flops("micro", Pool(tmp_path / "pool").vocab_size, 32, 2**0.5)
+    rows = read_results(out / "results.csv")
+    wide = {(r["k"], r["tokens"], r["d_model"]) for r in rows if r["method"] == "random" and r["compute"] == 2.0}
+    ((k, tokens, d_model),) = wide
+    assert d_model == width != 32 and 2048 < tokens < 2 * 2048 and k == tokens // 32
+    assert {(r["compute"], r["d_model"]) for r in rows if r["compute"] != 2.0} == {(1.0, 0)}
+    for seed in (0, 1):
+        assert load_model(out / "models" / f"random_untargeted_{k}_e1_d{width}_s{seed}").config.d_model == width
 
 
 def test_task_specs_resolve_against_the_base_keeping_a_name_prefix(tmp_path):
