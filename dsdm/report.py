@@ -561,7 +561,10 @@ def render(out: str | Path) -> Path:
             "Holdout loss vs selection size k at a fixed token budget",
             fig_loss_vs_k(rows, groups, figs / "loss_vs_k.png"),
         ),
-        ("Compute curve: random data at c x the budget", fig_compute(rows, groups, figs / "compute.png", refs)),
+        (
+            "Compute curve: random data at c x the 1x training compute",
+            fig_compute(rows, groups, figs / "compute.png", refs),
+        ),
         ("Per-source composition of each selection (first seed)", fig_composition(comps, figs / "composition.png")),
         ("Score histograms", fig_histograms(scores, figs / "score_hist.png")),
     ]

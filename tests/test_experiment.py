@@ -66,7 +66,9 @@ def test_balanced_compute_curve_grows_width_and_tokens_by_root_c():
     cells = plan_cells(cfg, 128, 10_000, vocab_size=512)
     curve = {c.compute: c for c in cells if c.method == "random" and c.seed == 0}
     assert (curve[4.0].d_model, curve[4.0].tokens, curve[4.0].k) == (96, 256_000, 2000)
-    assert curve[1.0].d_model == 0 and curve[1.0].tokens == 128_000 and curve[1.0].name == "random_untargeted_1000_e1_s0"
+    assert (
+        curve[1.0].d_model == 0 and curve[1.0].tokens == 128_000 and curve[1.0].name == "random_untargeted_1000_e1_s0"
+    )
     assert curve[4.0].name == "random_untargeted_2000_e1_d96_s0"
     for c in curve.values():  # total training FLOPs are c x the 1x model's, within the rounding of the token count
         per_token = sum(flops_per_token(2, c.d_model or 64, 512, 128)) / sum(flops_per_token(2, 64, 512, 128))

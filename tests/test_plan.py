@@ -115,6 +115,7 @@ def test_plan_times_the_repro_within_25_percent_of_its_records():
     comes from the demo's record and the training rate from "Learning regime". Before the nano recalibration the
     plan said 35 min of features for the 15 min measured."""
     at_t = ["budget.tokens=3768320", "pool.build.sample_fraction=0.25", "proxy.fraction=0.4", "training.executor=local"]
+    at_t.append("budget.compute_scaling=tokens")  # that run's curve: nano on c x T tokens
     at_t.append("methods=[random, semdedup, dsdm, dsdm-inverse, dsir, classifier]")
     cfg = load_experiment(ROOT / "configs" / "repro-cpu.yaml", at_t)  # tasks absent in CI: their sizes assumed
     stages = {s.stage: s.seconds for s in plan(cfg, 125876, 128, 512)[0]}

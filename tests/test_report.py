@@ -81,6 +81,27 @@ def test_equivalent_compute_is_undefined_where_the_random_curve_does_not_fall():
     assert math.isnan(equivalent_compute(3.5, flat)[0])
 
 
+def test_compute_curve_reads_the_compute_column_and_falls_back_to_tokens(tmp_path):
+    """A balanced curve's 4x model trains on 2 T tokens (a wider model): its multiplier is the compute column, not
+    tokens / T. A results.csv from before the column (no d_model, no compute) still reads as tokens / T."""
+    from dsdm.report import compute_curve
+
+    rows = [r for r in _table() if r["method"] == "random"]
+    balanced = [{**r, "tokens": {1: 4096, 2: 5888, 4: 8192}[r["tokens"] // 4096], "compute": r["tokens"] // 4096,
+                 "d_model": 0 if r["tokens"] == 4096 else 96} for r in rows]  # fmt: skip
+    _write_csv(tmp_path / "results.csv", balanced)
+    curve = compute_curve(read_results(tmp_path / "results.csv"), ["a", "b"])
+    assert [c for c, _, _ in curve] == [1.0, 2.0, 4.0]
+    assert [round(m, 1) for _, m, _ in curve] == [5.0, 4.6, 4.3]
+    with open(tmp_path / "old.csv", "w", newline="") as f:  # the columns of results.csv before d_model and compute
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS[:-2])
+        w.writeheader()
+        w.writerows(rows)
+    old = read_results(tmp_path / "old.csv")
+    assert all(r["d_model"] == 0 and math.isnan(r["compute"]) for r in old)
+    assert [c for c, _, _ in compute_curve(old, ["a", "b"])] == [1.0, 2.0, 4.0]
+
+
 def _write_csv(path: Path, rows: list[dict]):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
