@@ -137,11 +137,12 @@ class BudgetConfig:
     compute_multipliers: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     """Random-data models at these multiples of the 1x model's training compute: the compute curve. Must include 1
     (the random baseline)."""
-    compute_scaling: str = "balanced"
-    """How a random-data model gets c x the compute (docs/experiments.md "The compute curve"): balanced (FLOPs per
-    token and tokens each grow by sqrt(c): a wider model of the same depth on ~sqrt(c) x T tokens, total training
-    FLOPs c x the 1x model's, as the paper's larger random-data baselines are) | tokens (the evaluation model's shape
-    on c x T tokens: how runs before 2026-12-07 built the curve)."""
+    compute_scaling: str = "tokens"
+    """How a random-data model gets c x the compute (docs/experiments.md "The compute curve"): tokens (the
+    evaluation model's shape on c x T tokens; for a 1x model short of ~20 tokens per parameter, which more data
+    helps most) | balanced (FLOPs per token and tokens each grow by sqrt(c): a wider model of the same depth on
+    ~sqrt(c) x T tokens, total training FLOPs c x the 1x model's, as the paper's larger random-data baselines are;
+    for a 1x model at or past ~20 tokens per parameter)."""
 
     def __post_init__(self):
         if self.tokens <= 0:
