@@ -313,6 +313,11 @@ def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int, vocab_size: 
     T, L = cfg.budget.tokens, seq_len
     if cfg.budget.compute_scaling == "balanced" and vocab_size < 1:
         raise ValueError("plan_cells: budget.compute_scaling balanced needs the pool's vocab_size")
+    if cfg.budget.compute_scaling == "balanced" and cfg.eval_model.get("init_from"):
+        raise ValueError(
+            "budget.compute_scaling balanced widens a fresh eval_model.preset, but eval_model.init_from continues an "
+            "existing model; set budget.compute_scaling: tokens"
+        )
 
     def cell(target, method, k, seed, tokens=T, d_model=0, compute=1.0) -> Cell:
         if k < 1:
@@ -328,7 +333,7 @@ def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int, vocab_size: 
         """(tokens, d_model; 0 = the preset's) of the random-data model at `multiplier` x the 1x compute."""
         if cfg.budget.compute_scaling == "tokens" or multiplier == 1:
             return int(round(multiplier * T)), 0
-        preset, vocab = cfg.eval_model.get("preset", "nano"), vocab_size
+        preset, vocab = cfg.eval_model.get("preset", TrainConfig.preset), vocab_size
         width = width_for_flops(preset, vocab, L, multiplier**0.5)
         n_layer, _, d0 = PRESETS[preset]
         per_token = [sum(flops_per_token(n_layer, d, vocab, L)) for d in (d0, width)]

@@ -77,6 +77,8 @@ def test_balanced_compute_curve_grows_width_and_tokens_by_root_c():
     assert [c for c in cells if c.compute == 1] == [c for c in tokens_rule if c.compute == 1]
     with pytest.raises(ValueError, match="vocab_size"):
         plan_cells(cfg, 128, 10_000)
+    with pytest.raises(ValueError, match="init_from"):
+        plan_cells(_cfg(budget=cfg.budget.__dict__, eval_model={"init_from": "m"}), 128, 10_000, vocab_size=512)
 
 
 def test_plan_refuses_selection_larger_than_the_pool():
