@@ -836,7 +836,10 @@ def requirements(cfg: ExperimentConfig) -> dict[str, str]:
         if METHODS[method].estimator_scores:
             opts.setdefault("scores", "-")  # the file is made by the run; only the settings are checked here
         needs.update(make(method, opts).requires())
-    if cfg.training.executor == "ray":
+    executors = [cfg.training.executor] + [
+        dict(cfg_slice).get("executor") for cfg_slice in (cfg.featurize, cfg.score, cfg.baselines)
+    ]
+    if "ray" in executors:  # any stage on Ray: named before the pool is built, not when that stage starts
         needs["ray"] = "ray"
     return needs
 

@@ -81,6 +81,16 @@ def test_balanced_compute_curve_grows_width_and_tokens_by_root_c():
         plan_cells(_cfg(budget=cfg.budget.__dict__, eval_model={"init_from": "m"}), 128, 10_000, vocab_size=512)
 
 
+@pytest.mark.parametrize("stage", ["featurize", "score", "baselines", "training"])
+def test_ray_is_a_requirement_of_any_stage_on_ray(stage):
+    """Ray is named before any work whichever stage runs on it; before, only training.executor counted, so a missing
+    Ray surfaced after the pool and the proxies, when the features stage started (configs/repro-cpu.yaml)."""
+    from dsdm.experiment import requirements
+
+    assert "ray" not in requirements(_cfg())
+    assert requirements(_cfg(**{stage: {"executor": "ray"}}))["ray"] == "ray"
+
+
 def test_plan_refuses_selection_larger_than_the_pool():
     with pytest.raises(ValueError, match="exceeds the pool"):
         plan_cells(_cfg(), seq_len=64, pool_size=20)  # semdedup wants k = T / L = 32
