@@ -1,9 +1,12 @@
-"""Featurize scale-out on one machine (issue 16): 1 local process of 1 torch thread vs W Ray actors of 1 thread
-each, on the same pool and proxy; the stores must be bitwise equal. Then Ray's overhead per shard (a round trip to an
-actor doing nothing) and the shard size that keeps it under 2% of a shard's work. Prints a markdown table.
+"""Featurize scale-out on one machine (issue 16): 1 local process of 1 torch thread (or --local-threads) vs W Ray
+actors of 1 thread each, on the same pool and proxy; the stores must be bitwise equal (with 1 local thread). Then
+Ray's overhead per shard (a round trip to an actor doing nothing) and the shard size that keeps it under 2% of a
+shard's work. Prints a markdown table.
 
     .venv/bin/python benchmarks/scale_out.py                      # 512 examples, seq 128, preset tiny, 2 workers
     .venv/bin/python benchmarks/scale_out.py --examples 256 --preset micro
+    .venv/bin/python benchmarks/scale_out.py --examples 16384 --preset nano --vocab 512 --shard-size 1024 \
+        --local-threads 2                                         # the repro's featurize: which executor on 2 cores
 
 Run it on a quiet machine: with other jobs on the cores the speedup measures the contention, not dsdm.
 """
@@ -32,14 +35,14 @@ class Noop:
         return "done"
 
 
-def build(root: Path, examples: int, seq_len: int, preset: str) -> None:
+def build(root: Path, examples: int, seq_len: int, preset: str, vocab: int) -> None:
     rng = np.random.default_rng(0)
-    w = PoolWriter(root / "pool", vocab_size=4096)
+    w = PoolWriter(root / "pool", vocab_size=vocab)
     for i in range(examples):
-        w.add(rng.integers(1, 4096, size=seq_len), doc_id=f"d{i}", source="s")
+        w.add(rng.integers(1, vocab, size=seq_len), doc_id=f"d{i}", source="s")
     pool = Pool(w.close({"seq_len": seq_len, "eos_id": 0}, {}))
     torch.manual_seed(0)
-    save_model(build_model(preset, vocab_size=4096, seq_len=seq_len), root / "proxies" / "proxy_0")
+    save_model(build_model(preset, vocab_size=vocab, seq_len=seq_len), root / "proxies" / "proxy_0")
     write_json(root / "proxies" / "manifest.json", {"pool_fingerprint": pool.fingerprint, "models": ["proxy_0"]})
 
 
@@ -51,6 +54,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shard-size", type=int, default=64)
     ap.add_argument("--proj-dim", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--local-threads", type=int, default=1, help="torch threads of the local arm (default 1)")
     args = ap.parse_args()
     os.environ.setdefault("DSDM_PROGRESS", "0")
     import ray
@@ -59,12 +64,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        build(root, args.examples, args.seq_len, args.preset)
+        build(root, args.examples, args.seq_len, args.preset, args.vocab)
         cfg = dict(proj_dim=args.proj_dim, batch_size=16, shard_size=args.shard_size, device="cpu")
-        torch.set_num_threads(1)
+        torch.set_num_threads(args.local_threads)
         t0 = time.perf_counter()
         F.run(root / "pool", root / "proxies", root / "local", F.FeaturizeConfig(**cfg))
         local = time.perf_counter() - t0
+        torch.set_num_threads(1)
         ray.init(num_cpus=args.workers, include_dashboard=False)
         noop_shards = [(i, i + 1) for i in range(400)]
         run_on_actors(Noop, {}, noop_shards[:20], num_cpus=1)  # warm: workers started
@@ -81,9 +87,13 @@ def main() -> None:
         )
     per_example = local / args.examples
     n_shards = -(-args.examples // args.shard_size)
-    print(f"pool {args.examples} x {args.seq_len} tokens, preset {args.preset}, k={args.proj_dim}, {n_shards} shards")
+    print(
+        f"pool {args.examples} x {args.seq_len} tokens, V = {args.vocab}, preset {args.preset}, k={args.proj_dim}, "
+        f"{n_shards} shards"
+    )
     print("| run | wall s | examples/s | speedup | bitwise equal |\n|---|---:|---:|---:|---|")
-    print(f"| local, 1 process x 1 thread | {local:.1f} | {args.examples / local:.1f} | 1.00x | - |")
+    local_arm = f"local, 1 process x {args.local_threads} thread{'s' if args.local_threads > 1 else ''}"
+    print(f"| {local_arm} | {local:.1f} | {args.examples / local:.1f} | 1.00x | - |")
     print(
         f"| Ray, {args.workers} actors x 1 thread (incl. actor start) | {distributed:.1f} | "
         f"{args.examples / distributed:.1f} | {local / distributed:.2f}x | {same} |"
