@@ -113,20 +113,64 @@ def seed_losses(rows: list[dict], tasks: list[str]) -> dict[tuple, dict[int, flo
 
 def compute_curve(rows: list[dict], tasks: list[str]) -> list[tuple[float, float, float]]:
     """Random-data curve: [(multiplier, mean loss over tasks and seeds, s.d. over seeds)], sorted by multiplier."""
-    T = budget_of(rows)
-    rand = [r for r in rows if r["method"] == REFERENCE and r["target"] == UNTARGETED_NAME]
-
-    def multiplier(r: dict) -> float:  # results.csv's compute column; runs from before it: tokens / T
-        c = r.get("compute", math.nan)
-        return round(float(c), 6) if c is not None and not math.isnan(c) else r["tokens"] / T
-
+    by_c = curve_rows(rows)
     out = []
-    for c in sorted({multiplier(r) for r in rand}):
-        per_seed = seed_means([r for r in rand if multiplier(r) == c], tasks).get((UNTARGETED_NAME, REFERENCE), [])
+    for c, rand in by_c.items():
+        per_seed = seed_means(rand, tasks).get((UNTARGETED_NAME, REFERENCE), [])
         if per_seed:
             m, sd, _ = mean_sd(per_seed)
             out.append((c, m, sd))
     return out
+
+
+def curve_rows(rows: list[dict]) -> dict[float, list[dict]]:
+    """The random-data curve's rows by compute multiplier, ascending. The multiplier is results.csv's compute column;
+    for runs from before it, tokens / T."""
+    T = budget_of(rows)
+
+    def multiplier(r: dict) -> float:
+        c = r.get("compute", math.nan)
+        return round(float(c), 6) if c is not None and not math.isnan(c) else r["tokens"] / T
+
+    rand = [r for r in rows if r["method"] == REFERENCE and r["target"] == UNTARGETED_NAME]
+    return {c: [r for r in rand if multiplier(r) == c] for c in sorted({multiplier(r) for r in rand})}
+
+
+def curve_table(rows, groups) -> tuple[list[str], list[list[str]]]:
+    """The random-data curve per eval group: each multiplier's model (width, tokens), its loss, and its difference
+    from 1x paired by seed (mean ± s.e., seeds falling): whether more compute buys a lower loss, the question the
+    equivalent-compute figures rest on."""
+    by_c = curve_rows(rows)
+    header = [
+        "eval group",
+        "compute",
+        "d_model",
+        "tokens",
+        "loss (mean ± s.d.)",
+        "minus 1x (mean ± s.e.)",
+        "seeds falling",
+    ]
+    out = []
+    base = by_c.get(1.0, [])
+    for g, tasks in groups.items():
+        ref = seed_losses(base, tasks).get((UNTARGETED_NAME, REFERENCE), {})
+        for c, rand in by_c.items():
+            per = seed_losses(rand, tasks).get((UNTARGETED_NAME, REFERENCE), {})
+            if not per:
+                continue
+            mu, sd, _ = mean_sd([per[s] for s in sorted(per)])
+            widths = sorted({r.get("d_model") or 0 for r in rand})
+            d_model = ", ".join(str(w) if w else "as configured" for w in widths)
+            tokens = ", ".join(f"{t:,}" for t in sorted({r["tokens"] for r in rand}))
+            seeds = sorted(set(per) & set(ref))
+            if c == 1.0 or not seeds:
+                diff, falling = "", ""
+            else:
+                d = np.array([per[s] - ref[s] for s in seeds])
+                se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
+                diff, falling = fmt(float(d.mean()), se), f"{int((d < 0).sum())}/{d.size}"
+            out.append([g, f"{c:g}x", d_model, tokens, fmt(mu, sd), diff, falling])
+    return header, out
 
 
 def equivalent_compute(loss: float, curve: list[tuple[float, float, float]]) -> tuple[float, str]:
@@ -574,6 +618,7 @@ def render(out: str | Path) -> Path:
     acc_h, acc_r = comparison_table(rows, "accuracy")
     mc_h, mc_r = mc_table(rows, outcomes)
     eq_h, eq_r = equivalent_table(rows, groups)
+    curve_h, curve_r = curve_table(rows, groups)
     hh_h, hh_r = head_to_head_table(rows, groups)
     cases = case_study(out, scores, *report_settings(out))
     sections = [
@@ -585,6 +630,11 @@ def render(out: str | Path) -> Path:
         ),
         ("Multiple-choice accuracy (mean over seeds [95% bootstrap CI over the examples of all seeds])", mc_h, mc_r),
         ("Greedy exact-match accuracy (mean ± s.d. over seeds)", acc_h, acc_r),
+        (
+            "Random-data compute curve (c x the 1x model's training FLOPs; differences from 1x paired by seed)",
+            curve_h,
+            curve_r,
+        ),
         (
             "Equivalent × compute (random-data curve, log-linear; > / < = extrapolated; only where the random curve "
             "falls at every multiplier)",

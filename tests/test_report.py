@@ -102,6 +102,25 @@ def test_compute_curve_reads_the_compute_column_and_falls_back_to_tokens(tmp_pat
     assert [c for c, _, _ in compute_curve(old, ["a", "b"])] == [1.0, 2.0, 4.0]
 
 
+def test_curve_table_pairs_each_multiplier_with_1x_by_seed(tmp_path):
+    """The table behind issue 12's curve bar: per eval group and multiplier, the model, the loss and its paired
+    difference from 1x. _table's random losses are 5.0 / 4.6 / 4.3 + N(0, 0.01) per (seed, task)."""
+    from dsdm.report import curve_table
+
+    _write_csv(tmp_path / "results.csv", _table())
+    rows = read_results(tmp_path / "results.csv")
+    header, out = curve_table(rows, {"a": ["a"], "ab": ["a", "b"]})
+    col = {h: i for i, h in enumerate(header)}
+    by = {(r[col["eval group"]], r[col["compute"]]): r for r in out}
+    assert sorted(by) == [("a", "1x"), ("a", "2x"), ("a", "4x"), ("ab", "1x"), ("ab", "2x"), ("ab", "4x")]
+    assert by[("a", "1x")][col["minus 1x (mean ± s.e.)"]] == "" and by[("a", "4x")][col["tokens"]] == "16,384"
+    for g in ("a", "ab"):
+        for c, drop in (("2x", -0.4), ("4x", -0.7)):
+            mean = float(by[(g, c)][col["minus 1x (mean ± s.e.)"]].split(" ± ")[0])
+            assert mean == pytest.approx(drop, abs=0.05) and by[(g, c)][col["seeds falling"]] == "2/2"
+    assert {r[col["d_model"]] for r in out} == {"as configured"}
+
+
 def _write_csv(path: Path, rows: list[dict]):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
