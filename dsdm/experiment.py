@@ -73,7 +73,7 @@ from dsdm.io import (
     sha256_text,
     write_json,
 )
-from dsdm.model import PRESETS, flops_per_token, load_model, width_for_flops
+from dsdm.model import PRESETS, load_model, preset_flops_per_token, width_for_flops
 from dsdm.pool import Pool
 from dsdm.proxies import ProxiesConfig
 from dsdm.proxies import run as proxies_run
@@ -333,12 +333,13 @@ def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int, vocab_size: 
         """(tokens, d_model; 0 = the preset's) of the random-data model at `multiplier` x the 1x compute."""
         if cfg.budget.compute_scaling == "tokens" or multiplier == 1:
             return int(round(multiplier * T)), 0
-        preset, vocab = cfg.eval_model.get("preset", TrainConfig.preset), vocab_size
-        width = width_for_flops(preset, vocab, L, multiplier**0.5)
-        n_layer, _, d0 = PRESETS[preset]
-        per_token = [sum(flops_per_token(n_layer, d, vocab, L)) for d in (d0, width)]
-        examples = round(multiplier * T * per_token[0] / per_token[1] / L)  # whole examples: one epoch of k
-        return examples * L, (0 if width == d0 else width)
+        preset = cfg.eval_model.get("preset", TrainConfig.preset)
+        width = width_for_flops(preset, vocab_size, L, multiplier**0.5)
+        ratio = preset_flops_per_token(preset, vocab_size, L) / preset_flops_per_token(preset, vocab_size, L, width)
+        examples = round(multiplier * T * ratio / L)  # whole examples: one epoch of k
+        return examples * L, (0 if width == PRESETS[preset][2] else width)
+
+    curve = {m: curve_point(m) for m in sorted(float(x) for x in cfg.budget.compute_multipliers)}
 
     cells: list[Cell] = []
     untargeted = sorted(
@@ -348,8 +349,7 @@ def plan_cells(cfg: ExperimentConfig, seq_len: int, pool_size: int, vocab_size: 
     for seed in cfg.seeds:
         for method in untargeted:
             if METHODS[method].reference:  # the compute curve: c x the 1x compute, one epoch of its data
-                for m in sorted(float(x) for x in cfg.budget.compute_multipliers):
-                    tokens, d_model = curve_point(m)
+                for m, (tokens, d_model) in curve.items():
                     k = min(pool_size, tokens // L)
                     cells.append(cell(UNTARGETED_NAME, method, k, seed, tokens, d_model, m))
             else:
@@ -738,9 +738,14 @@ class Context:
     def model_job(self, name: str, sel: str, cell: Cell, redo: bool) -> dict:
         """What training one evaluation model needs, as paths and plain settings: it runs here or in a Ray task."""
         tcfg = _stage_cfg(
-            TrainConfig, self.cfg.eval_model, "eval_model", seed=cell.seed, device=self.cfg.device, tokens=cell.tokens
+            TrainConfig,
+            self.cfg.eval_model,
+            "eval_model",
+            seed=cell.seed,
+            device=self.cfg.device,
+            tokens=cell.tokens,
+            d_model=cell.d_model,
         )
-        tcfg.d_model = cell.d_model
         return {  # absolute: a Ray worker's working directory is not this one
             "pool": str(self.pool_dir.resolve()),
             "selection": str((self.out / sel).resolve()),

@@ -180,18 +180,24 @@ def flops_per_token(n_layer: int, d: int, vocab: int, seq_len: int) -> tuple[flo
     return 6.0 * (12 * n_layer * d * d + n_layer * seq_len * d), 6.0 * vocab * d
 
 
+def preset_flops_per_token(preset: str, vocab: int, seq_len: int, d_model: int = 0) -> float:
+    """Training FLOPs per token of a preset, or of the preset at width d_model (0 = its own)."""
+    n_layer, _, d0 = PRESETS[preset]
+    return sum(flops_per_token(n_layer, d_model or d0, vocab, seq_len))
+
+
 def width_for_flops(preset: str, vocab: int, seq_len: int, factor: float) -> int:
     """The d_model (a multiple of the preset's n_head) whose training FLOPs per token are closest, in ratio, to
     `factor` x the preset's: how the compute curve grows its model (docs/experiments.md "The compute curve").
     Depth and heads stay the preset's; factor 1 gives the preset's own width."""
-    n_layer, n_head, d0 = PRESETS[preset]
+    n_head = PRESETS[preset][1]
     if factor <= 0:
         raise ValueError(f"FLOPs factor must be positive, got {factor}")
 
     def per_token(d: int) -> float:
-        return sum(flops_per_token(n_layer, d, vocab, seq_len))
+        return preset_flops_per_token(preset, vocab, seq_len, d)
 
-    target = factor * per_token(d0)
+    target = factor * per_token(0)
     # per_token grows with d: walk up from the smallest width to the first at or above the target, then take the
     # nearer (in log ratio) of it and the one below
     d = n_head

@@ -203,7 +203,7 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
     from dsdm.config import from_dict
     from dsdm.experiment import plan_cells
     from dsdm.featurize import FeaturizeConfig
-    from dsdm.model import flops_per_token
+    from dsdm.model import flops_per_token, preset_flops_per_token
     from dsdm.proxies import ProxiesConfig
     from dsdm.train import TrainConfig, num_steps
 
@@ -285,7 +285,7 @@ def plan(cfg, pool_examples: int, seq_len: int, vocab: int, gpus: int = 1, gpu: 
     cells = plan_cells(cfg, L, N, vocab)
     # a cell's width: the preset's, or the compute curve's wider model (budget.compute_scaling: balanced)
     shapes = {c: _shape(ecfg.preset, vocab, L, c.d_model) for c in cells}
-    per_token = {c: sum(flops_per_token(n_layer, d, vocab, L)) for c, (n_layer, d, _) in shapes.items()}
+    per_token = {c: preset_flops_per_token(ecfg.preset, vocab, L, c.d_model) for c in cells}
     Pe = max(p for _, _, p in shapes.values())
     steps_tokens = {c: math.ceil(c.tokens / (ecfg.batch_size * L)) * ecfg.batch_size * L for c in cells}
     flops = sum(per_token[c] * steps_tokens[c] for c in cells)

@@ -74,7 +74,7 @@ def read(path: str | Path) -> list[dict]:
         raise ValueError(f"{path}: missing columns {missing}; is it a dsdm results.csv?")
     for r in rows:
         for k in INTS:
-            r[k] = int(r.get(k) or 0)  # only an optional column (d_model) can be absent or empty
+            r[k] = int(r.get(k) or 0) if k in OPTIONAL else int(r[k])  # d_model: absent in older files
         for k in FLOATS:
             v = r.get(k, "")
             r[k] = float(v) if v not in ("", "None", None) else math.nan
