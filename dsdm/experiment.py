@@ -216,7 +216,8 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Seeds of each cell: selection randomness (random, DSIR noise, SemDeDup draws) and model training."""
     proxy: dict[str, Any] = field(default_factory=dict)
-    """Proxy training settings (dsdm.proxies config: preset, num_proxies, subset fraction, train recipe)."""
+    """Proxy training settings (dsdm.proxies.ProxiesConfig: n, subset fraction, seed, train recipe; executor ray trains
+    them side by side, no part of the stage's key)."""
     featurize: dict[str, Any] = field(default_factory=dict)
     """Featurizer settings (dsdm.featurize.FeaturizeConfig: proj_dim, projector, batch_size, ...)."""
     baselines: dict[str, Any] = field(default_factory=dict)
@@ -413,7 +414,7 @@ def plan_stages(cfg: ExperimentConfig, ctx: "Context", cells: list[Cell]) -> lis
     needs_features = any(METHODS[m].estimator_scores for m in cfg.methods)
     if needs_features:
         feat = {k: v for k, v in cfg.featurize.items() if k not in where}
-        proxy_slice = {"proxy": cfg.proxy}
+        proxy_slice = {"proxy": {k: v for k, v in cfg.proxy.items() if k not in where}}
         if feat.get("precondition") == "adam":  # proxies trained before dsdm saved AdamW's state must be retrained
             proxy_slice["featurize"] = {"precondition": "adam"}
         stages.append(Stage("proxies", proxy_slice, pool_input, ctx.train_proxies))
@@ -842,7 +843,7 @@ def requirements(cfg: ExperimentConfig) -> dict[str, str]:
             opts.setdefault("scores", "-")  # the file is made by the run; only the settings are checked here
         needs.update(make(method, opts).requires())
     executors = [cfg.training.executor] + [
-        dict(cfg_slice).get("executor") for cfg_slice in (cfg.featurize, cfg.score, cfg.baselines)
+        dict(cfg_slice).get("executor") for cfg_slice in (cfg.proxy, cfg.featurize, cfg.score, cfg.baselines)
     ]
     if "ray" in executors:  # any stage on Ray: named before the pool is built, not when that stage starts
         needs["ray"] = "ray"

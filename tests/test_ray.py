@@ -383,6 +383,79 @@ def test_experiment_training_executor_ray_is_bitwise_the_local_models_and_resume
 
 
 # -----------------------------------------------------------------------------
+# Proxies side by side: one Ray task per proxy (dsdm.proxies, executor ray)
+
+PROXY_TRAIN = {"preset": "micro", "steps": 6, "batch_size": 4, "device": "cpu", "log_every": 1}
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    """Every file under d except the records (they hold timestamps), by relative path."""
+    return {
+        str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file() and f.name != "_done.json"
+    }
+
+
+@needs_ray
+def test_ray_proxies_are_bitwise_the_local_1_thread_proxies_and_resume(cluster, tmp_path):
+    """3 proxies with a snapshot each as Ray tasks on the 2-CPU cluster (two at once, 1 CPU = 1 torch thread each):
+    every file (subsets, weights, optimizer state, snapshots, manifest) is bitwise the local run's with 1 thread, and
+    the stage records' keys are equal, so switching the executor recomputes nothing. A proxy deleted afterwards is the
+    only one a re-run trains, to the same bytes."""
+    import torch
+    from test_models import _pool
+
+    from dsdm.proxies import ProxiesConfig, run
+
+    pool = _pool(tmp_path / "pool")
+    common = dict(n=3, fraction=0.5, seed=4, train=PROXY_TRAIN, snapshots=[0.5])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each Ray task uses: float reductions then round the same way
+    try:
+        run(pool.path, tmp_path / "local", ProxiesConfig(**common))
+    finally:
+        torch.set_num_threads(threads)
+    ray_cfg = ProxiesConfig(**common, executor="ray", ray_worker_cpus=1)
+    run(pool.path, tmp_path / "ray", ray_cfg)
+    local, ray_files = _tree(tmp_path / "local"), _tree(tmp_path / "ray")
+    assert local == ray_files and len(local) > 3 * 4
+    weights = [local[f"proxy_{m}/model.safetensors"] for m in range(3)]
+    assert len(set(weights)) == 3  # three different proxies, not one both executors agree on
+    (a,), (b,) = ([json.loads((tmp_path / d / "_done.json").read_text())["key"]] for d in ("local", "ray"))
+    assert a == b
+    stamp = (tmp_path / "local" / "_done.json").stat().st_mtime_ns
+    run(pool.path, tmp_path / "local", ray_cfg)  # the local run's record satisfies the Ray config: nothing to do
+    assert (tmp_path / "local" / "_done.json").stat().st_mtime_ns == stamp
+
+    gone = tmp_path / "ray" / "proxy_1"
+    before = {m: (tmp_path / "ray" / f"proxy_{m}" / "_done.json").stat().st_mtime_ns for m in (0, 2)}
+    shutil.rmtree(gone)
+    (tmp_path / "ray" / "_done.json").unlink()  # as if the run had died before the stage finished
+    run(pool.path, tmp_path / "ray", ray_cfg)
+    assert _tree(tmp_path / "ray") == local and (tmp_path / "ray" / "_done.json").exists()
+    assert {m: (tmp_path / "ray" / f"proxy_{m}" / "_done.json").stat().st_mtime_ns for m in (0, 2)} == before
+    with pytest.raises(ValueError, match="executor must be local or ray"):
+        ProxiesConfig(executor="spark")
+
+
+@needs_ray
+def test_experiment_proxy_executor_ray_keeps_the_stage_key(micro, cluster, tmp_path):
+    """`proxy: {executor: ray, ...}` in an experiment config names Ray before any work and leaves the proxies
+    stage's key (and so every stage downstream) the local one's."""
+    from dsdm.experiment import REPO_ROOT, Context, load_experiment, plan, requirements
+
+    root, _ = micro
+    micro_yaml = REPO_ROOT / "configs" / "micro.yaml"
+    keys = []
+    for sets in ([], ["proxy.executor=ray", "proxy.ray_address=auto", "proxy.ray_worker_cpus=1"]):
+        cfg = load_experiment(micro_yaml, sets, base_dir=root)
+        assert ("ray" in requirements(cfg)) == bool(sets)
+        out = tmp_path / str(len(sets))
+        out.mkdir()
+        keys.append(plan(Context(cfg, out))[2])
+    assert keys[0] == keys[1] and "proxies" in keys[0]
+
+
+# -----------------------------------------------------------------------------
 # DsDm scoring: the pool product u = G W, all targets in one pass, over row blocks on Ray actors
 
 

@@ -25,7 +25,9 @@ def register(subparsers) -> None:
             "Reads: the pool directory (--pool).\n"
             "Writes under --out: subsets/proxy_<m>.npy (int64 indices), proxy_<m>/ (the trainer's checkpoint),\n"
             "manifest.json, _done.json. Finished proxies are skipped on a rerun. Trainer settings: --set train.KEY=V\n"
-            "(dsdm.train.TrainConfig keys) or --config YAML shaped like the `proxy:` section of configs/demo.yaml."
+            "(dsdm.train.TrainConfig keys) or --config YAML shaped like the `proxy:` section of configs/demo.yaml.\n"
+            "--executor ray trains the proxies side by side, one Ray task per proxy (--set ray_worker_cpus=N CPUs\n"
+            "and torch threads each, or one GPU each on cuda); needs `pip install 'dsdm[ray]'`."
         ),
     )
     t.add_argument("--pool", required=True, metavar="DIR", help="pool directory (dsdm pool build)")
@@ -38,6 +40,12 @@ def register(subparsers) -> None:
         type=_fractions,
         metavar="F[,F..]",
         help="also save and ensemble each proxy after these fractions of its training, e.g. 0.5 (default none)",
+    )
+    t.add_argument(
+        "--executor", choices=["local", "ray"], help="local: one proxy after another (default); ray: side by side"
+    )
+    t.add_argument(
+        "--ray-address", metavar="ADDR", help="executor=ray: auto | ray://HOST:PORT (default: a local cluster)"
     )
     add_config_args(t)
     t.set_defaults(func=_proxies)
@@ -207,7 +215,14 @@ def _proxies(args) -> int:
     from dsdm.proxies import ProxiesConfig, run
 
     cfg = config_from_args(
-        ProxiesConfig, args, n=args.n, fraction=args.fraction, seed=args.seed, snapshots=args.snapshots
+        ProxiesConfig,
+        args,
+        n=args.n,
+        fraction=args.fraction,
+        seed=args.seed,
+        snapshots=args.snapshots,
+        executor=args.executor,
+        ray_address=args.ray_address,
     )
     print(run(args.pool, args.out, cfg, force=args.force))
     return 0
