@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from dsdm.shards import plan_shards, ray_init, run_on_actors
+from dsdm.shards import EXECUTOR_KEYS, plan_shards, ray_init, run_on_actors
 from dsdm.sketch import OUTPUTS
 
 
@@ -325,10 +325,6 @@ class ScoreConfig:
             raise ValueError(f"score.ray_worker_cpus must be positive, got {self.ray_worker_cpus}")
 
 
-# Where the scoring runs, not what it computes: left out of the score file's recorded settings (bitwise the same).
-WHERE_NOT_WHAT = ("executor", "ray_address", "ray_worker_cpus")
-
-
 def load_features(features_dir: Path, device=None) -> tuple[dict, list[Path]]:
     """The featurize run's manifest and its finished per-proxy stores, in proxy order. With `device`: refuses a
     store whose i.i.d. projection came from another device's generator (FeaturizeConfig.dense_rng)."""
@@ -448,7 +444,7 @@ def run(features_dir: str | Path, task_specs: list[str], out: str | Path, cfg: S
             "features": str(features_dir),
             "pool": manifest["pool"],
             "pool_fingerprint": manifest["pool_fingerprint"],
-            "config": {k: v for k, v in vars(cfg).items() if k != "tasks" and k not in WHERE_NOT_WHAT},
+            "config": {k: v for k, v in vars(cfg).items() if k != "tasks" and k not in EXECUTOR_KEYS},
             **provenance(),  # no wall time here: artifacts are byte-identical across re-runs (it is in _done.json)
         },
     )

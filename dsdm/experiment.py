@@ -80,6 +80,7 @@ from dsdm.proxies import run as proxies_run
 from dsdm.references import ngram_references
 from dsdm.report import ReportSpec, render
 from dsdm.results import UNTARGETED_NAME
+from dsdm.shards import EXECUTOR_KEYS
 from dsdm.tasks import load_task, parse_spec, resolve_spec
 from dsdm.train import TrainConfig, train
 
@@ -410,7 +411,7 @@ def plan_stages(cfg: ExperimentConfig, ctx: "Context", cells: list[Cell]) -> lis
     pool_input = ["pool"]  # the run's pool stage, or the key of the existing pool at pool.path
     ref = {"eval": {"max_examples": cfg.eval.max_examples}, "eval_tasks": ctx.task_hashes(ctx.eval_specs)}
     stages.append(Stage("references", ref, pool_input, ctx.references))
-    where = ("device", "executor", "ray_address", "ray_worker_cpus")  # where the work runs, not what it computes
+    where = ("device", *EXECUTOR_KEYS)  # where the work runs, not what it computes
     needs_features = any(METHODS[m].estimator_scores for m in cfg.methods)
     if needs_features:
         feat = {k: v for k, v in cfg.featurize.items() if k not in where}

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dsdm.io import pwrite_rows
+from dsdm.shards import EXECUTOR_KEYS
 from dsdm.sketch import (  # noqa: F401 - re-exported: the sketch API callers have imported from dsdm.featurize
     DENSE_PROJECTIONS,
     DENSE_RNGS,
@@ -138,7 +139,7 @@ class FeaturizeConfig:
 
 
 # Where and how the work runs, not what it computes: never part of a store's completion key.
-_WHERE_NOT_WHAT = ("device", "executor", "ray_address", "ray_worker_cpus")
+_WHERE_NOT_WHAT = ("device", *EXECUTOR_KEYS)
 # Fields added after stores existed: left out of the completion key at their defaults, so those stores stay valid.
 _NEW_DEFAULTS = {
     "dense_rng": "pcg64",

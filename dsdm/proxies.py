@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dsdm.shards import EXECUTOR_KEYS
+
 
 def draw_subset(n_pool: int, fraction: float, seed: int, proxy: int) -> np.ndarray:
     """Sorted int64 indices of round(fraction * n_pool) distinct examples for proxy `proxy`."""
@@ -78,10 +80,6 @@ class ProxiesConfig:
             raise ValueError(f"ray_worker_cpus must be >= 1 (the task's torch threads), got {self.ray_worker_cpus}")
 
 
-# Where the proxies train, not what they are: never part of the stage's completion key (nor of the manifest).
-WHERE_NOT_WHAT = ("executor", "ray_address", "ray_worker_cpus")
-
-
 def train_proxy(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, m: int, force: bool = False) -> str:
     """Draw proxy m's subset, write it to subsets/proxy_<m>.npy and train proxy_<m>/ on it (skipped when its own
     record matches, unless force). -> the model directory relative to out_dir."""
@@ -112,7 +110,7 @@ def _proxy_task(pool_dir: str, out_dir: str, cfg: ProxiesConfig, force: bool, de
     oversubscribe the cores shared with the other proxies' tasks) on `device` (cuda: the GPU Ray assigned)."""
     import torch
 
-    torch.set_num_threads(max(1, int(cfg.ray_worker_cpus)))
+    torch.set_num_threads(int(cfg.ray_worker_cpus))  # >= 1: ProxiesConfig checks it
     cfg = dataclasses.replace(cfg, train={**cfg.train, "device": device})
     return [train_proxy(pool_dir, out_dir, cfg, m, force) for m in range(start, stop)]
 
@@ -127,7 +125,7 @@ def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bo
     from dsdm.train import snapshot_name
 
     pool, out_dir = Pool(pool_dir), Path(out_dir)
-    what = {k: v for k, v in to_dict(cfg).items() if k not in WHERE_NOT_WHAT}
+    what = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTOR_KEYS}  # where they train: not in the key
     settings = without_new_defaults(what, {"snapshots": []})  # added after proxies existed
     slice_ = {"proxies": settings, "pool_fingerprint": pool.fingerprint}
     if is_done(out_dir, slice_, force=force):
@@ -140,12 +138,12 @@ def run(pool_dir: str | Path, out_dir: str | Path, cfg: ProxiesConfig, force: bo
         from dsdm.common import resolve_device
         from dsdm.shards import plan_shards, run_shards
 
-        gpu = resolve_device(cfg.train.get("device", "auto"))[0].type == "cuda"
+        device = cfg.train.get("device", "auto")
+        gpu = resolve_device(device)[0].type == "cuda"
         log(f"{cfg.n} proxies to train as Ray tasks ({'1 GPU' if gpu else f'{cfg.ray_worker_cpus:g} CPU'} each)")
         task = functools.partial(
-            _proxy_task, str(Path(pool_dir).resolve()), str(out_dir.resolve()), cfg, force,
-            "cuda" if gpu else cfg.train.get("device", "auto"),
-        )  # fmt: skip
+            _proxy_task, str(Path(pool_dir).resolve()), str(out_dir.resolve()), cfg, force, "cuda" if gpu else device
+        )
         done = run_shards(
             task,
             plan_shards(cfg.n, 1),

@@ -15,6 +15,10 @@ from typing import Any, Callable
 
 from dsdm.common import MissingDependency, log, progress
 
+# The settings that say where a stage's shards run, never what they compute: every stage that takes them leaves them
+# out of its completion key and recorded settings (stages that also place work on a device add "device").
+EXECUTOR_KEYS = ("executor", "ray_address", "ray_worker_cpus")
+
 
 def plan_shards(n: int, shard_size: int) -> list[tuple[int, int]]:
     """Cut range(n) into consecutive [start, stop) ranges of at most shard_size items."""

@@ -420,7 +420,7 @@ def test_ray_proxies_are_bitwise_the_local_1_thread_proxies_and_resume(cluster, 
     assert local == ray_files and len(local) > 3 * 4
     weights = [local[f"proxy_{m}/model.safetensors"] for m in range(3)]
     assert len(set(weights)) == 3  # three different proxies, not one both executors agree on
-    (a,), (b,) = ([json.loads((tmp_path / d / "_done.json").read_text())["key"]] for d in ("local", "ray"))
+    a, b = (json.loads((tmp_path / d / "_done.json").read_text())["key"] for d in ("local", "ray"))
     assert a == b
     stamp = (tmp_path / "local" / "_done.json").stat().st_mtime_ns
     run(pool.path, tmp_path / "local", ray_cfg)  # the local run's record satisfies the Ray config: nothing to do
